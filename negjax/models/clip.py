@@ -1,0 +1,266 @@
+"""CLIP in Flax NNX with open_clip's numerics: ViT image tower, causal text tower.
+
+The same weights give the same features as open_clip's `CLIP` (pre-LN residual blocks,
+class token, ln_pre/ln_post, bias-free projections, text pooled at the EOT token, which
+is the largest id). Transformer layers are stored stacked (a leading layer axis) so one
+parameter layout serves both the unrolled loop and `jax.lax.scan`.
+"""
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  """Architecture plus numerics options; the fields after `quick_gelu` are not weights."""
+  embed_dim: int
+  image_size: int
+  patch_size: int
+  vision_width: int
+  vision_layers: int
+  vision_heads: int
+  text_width: int
+  text_layers: int
+  text_heads: int
+  context_length: int = 77
+  vocab_size: int = 49408
+  mlp_ratio: float = 4.0
+  quick_gelu: bool = False
+  # Numerics: compute dtype, parameter dtype, scan over layers, rematerialise layers.
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scan_layers: bool = False
+  remat: bool = False
+
+  def replace(self, **kw) -> "CLIPConfig":
+    return dataclasses.replace(self, **kw)
+
+  @property
+  def architecture(self) -> dict:
+    """The weight-defining fields only (what a checkpoint pins down)."""
+    names = [f.name for f in dataclasses.fields(self)]
+    return {n: getattr(self, n) for n in names[:names.index("quick_gelu") + 1]}
+
+
+def _vit(embed_dim, image_size, patch, width, layers, text_width, text_layers, quick=False):
+  return CLIPConfig(
+      embed_dim=embed_dim, image_size=image_size, patch_size=patch, vision_width=width,
+      vision_layers=layers, vision_heads=width // 64, text_width=text_width,
+      text_layers=text_layers, text_heads=text_width // 64, quick_gelu=quick)
+
+
+# open_clip's names. Every architecture also exists as NAME-quickgelu.
+_BASE = {
+    "ViT-B-32": _vit(512, 224, 32, 768, 12, 512, 12),
+    "ViT-B-16": _vit(512, 224, 16, 768, 12, 512, 12),
+    "ViT-L-14": _vit(768, 224, 14, 1024, 24, 768, 12),
+    "ViT-L-14-336": _vit(768, 336, 14, 1024, 24, 768, 12),
+    # Small enough for CPU tests: 32px images, two layers per tower.
+    "negjax-tiny": CLIPConfig(
+        embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
+        vision_heads=2, text_width=64, text_layers=2, text_heads=2),
+}
+ARCHITECTURES = dict(_BASE)
+ARCHITECTURES.update(
+    {f"{k}-quickgelu": v.replace(quick_gelu=True) for k, v in _BASE.items()})
+
+
+def get_config(arch: str, **overrides) -> CLIPConfig:
+  if arch not in ARCHITECTURES:
+    raise ValueError(f"Unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
+  return ARCHITECTURES[arch].replace(**overrides)
+
+
+def architecture_name(config: CLIPConfig) -> str | None:
+  """The registered name whose weights and activation match `config`, if any."""
+  for name, known in ARCHITECTURES.items():
+    if known.architecture == config.architecture:
+      return name
+  return None
+
+
+def open_clip_config(config: CLIPConfig) -> dict:
+  """The model config JSON open_clip expects for this architecture."""
+  cfg = {
+      "embed_dim": config.embed_dim,
+      "vision_cfg": {"image_size": config.image_size, "layers": config.vision_layers,
+                     "width": config.vision_width, "patch_size": config.patch_size,
+                     "head_width": config.vision_width // config.vision_heads,
+                     "mlp_ratio": config.mlp_ratio},
+      "text_cfg": {"context_length": config.context_length, "vocab_size": config.vocab_size,
+                   "width": config.text_width, "heads": config.text_heads,
+                   "layers": config.text_layers, "mlp_ratio": config.mlp_ratio},
+  }
+  if config.quick_gelu:
+    cfg["quick_gelu"] = True
+  return cfg
+
+
+def _normal(std):
+  return nnx.initializers.normal(stddev=std)
+
+
+class Block(nnx.Module):
+  """Pre-LN residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+  def __init__(self, width, heads, mlp_ratio, layers, quick_gelu, dtype, param_dtype, rngs):
+    self.heads = heads
+    self.quick_gelu = quick_gelu
+    hidden = int(width * mlp_ratio)
+    attn_std, proj_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5
+    fc_std = (2 * width) ** -0.5
+    common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.ln_1 = nnx.LayerNorm(width, epsilon=1e-5, **common)
+    self.qkv = nnx.Linear(width, 3 * width, kernel_init=_normal(attn_std), **common)
+    self.out = nnx.Linear(width, width, kernel_init=_normal(proj_std), **common)
+    self.ln_2 = nnx.LayerNorm(width, epsilon=1e-5, **common)
+    self.fc = nnx.Linear(width, hidden, kernel_init=_normal(fc_std), **common)
+    self.proj = nnx.Linear(hidden, width, kernel_init=_normal(proj_std), **common)
+
+  def __call__(self, x, causal: bool):
+    b, n, w = x.shape
+    qkv = self.qkv(self.ln_1(x)).reshape(b, n, 3, self.heads, w // self.heads)
+    attn = jax.nn.dot_product_attention(
+        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=causal)
+    x = x + self.out(attn.reshape(b, n, w))
+    h = self.fc(self.ln_2(x))
+    h = h * jax.nn.sigmoid(1.702 * h) if self.quick_gelu else jax.nn.gelu(h, approximate=False)
+    return x + self.proj(h)
+
+
+class Transformer(nnx.Module):
+  """`layers` blocks whose parameters carry a leading layer axis."""
+
+  def __init__(self, width, layers, heads, config: CLIPConfig, causal: bool, rngs):
+    self.causal = causal
+    self.scan = config.scan_layers
+    self.remat = config.remat
+    self.layers = layers
+    make = lambda: Block(width, heads, config.mlp_ratio, layers, config.quick_gelu,
+                         config.dtype, config.param_dtype, rngs)
+    graphdef, first = nnx.split(make())
+    states = [first] + [nnx.state(make()) for _ in range(layers - 1)]
+    self.blocks = nnx.merge(graphdef, jax.tree.map(lambda *a: jnp.stack(a), *states))
+
+  def __call__(self, x):
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def layer(x, state):
+      return nnx.merge(graphdef, state)(x, self.causal)
+
+    if self.remat:
+      layer = jax.checkpoint(layer)
+    if self.scan:
+      x, _ = jax.lax.scan(lambda c, s: (layer(c, s), None), x, stacked)
+      return x
+    for i in range(self.layers):
+      x = layer(x, jax.tree.map(lambda a: a[i], stacked))
+    return x
+
+
+class VisionTower(nnx.Module):
+  """ViT: patches -> [CLS]+patches + pos -> ln_pre -> blocks -> ln_post(CLS) @ proj."""
+
+  def __init__(self, c: CLIPConfig, rngs: nnx.Rngs):
+    self.patch_size = c.patch_size
+    self.dtype = c.dtype
+    w, p, grid = c.vision_width, c.patch_size, c.image_size // c.patch_size
+    scale = w ** -0.5
+    key = rngs.params
+    # The patch conv as a matmul over (row, col, channel)-flattened patches.
+    self.patch_embed = nnx.Param(
+        jax.random.normal(key(), (p * p * 3, w), c.param_dtype) * (p * p * 3) ** -0.5)
+    self.class_embedding = nnx.Param(jax.random.normal(key(), (w,), c.param_dtype) * scale)
+    self.positional_embedding = nnx.Param(
+        jax.random.normal(key(), (grid * grid + 1, w), c.param_dtype) * scale)
+    common = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+    self.ln_pre = nnx.LayerNorm(w, epsilon=1e-5, **common)
+    self.transformer = Transformer(w, c.vision_layers, c.vision_heads, c, False, rngs)
+    self.ln_post = nnx.LayerNorm(w, epsilon=1e-5, **common)
+    self.proj = nnx.Param(jax.random.normal(key(), (w, c.embed_dim), c.param_dtype) * scale)
+
+  def __call__(self, images):
+    b, h, w_img, ch = images.shape
+    p = self.patch_size
+    patches = images.reshape(b, h // p, p, w_img // p, p, ch).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, (h // p) * (w_img // p), p * p * ch).astype(self.dtype)
+    x = patches @ self.patch_embed[...].astype(self.dtype)
+    cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, x.shape[-1]))
+    x = jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...].astype(self.dtype)
+    x = self.transformer(self.ln_pre(x))
+    pooled = self.ln_post(x[:, 0])
+    return pooled @ self.proj[...].astype(self.dtype)
+
+
+class TextTower(nnx.Module):
+  """Causal transformer over BPE ids, pooled at the EOT token (the argmax id)."""
+
+  def __init__(self, c: CLIPConfig, rngs: nnx.Rngs):
+    self.dtype = c.dtype
+    w = c.text_width
+    key = rngs.params
+    self.token_embedding = nnx.Param(
+        jax.random.normal(key(), (c.vocab_size, w), c.param_dtype) * 0.02)
+    self.positional_embedding = nnx.Param(
+        jax.random.normal(key(), (c.context_length, w), c.param_dtype) * 0.01)
+    self.transformer = Transformer(w, c.text_layers, c.text_heads, c, True, rngs)
+    self.ln_final = nnx.LayerNorm(w, epsilon=1e-5, dtype=c.dtype, param_dtype=c.param_dtype,
+                                  rngs=rngs)
+    self.text_projection = nnx.Param(
+        jax.random.normal(key(), (w, c.embed_dim), c.param_dtype) * w ** -0.5)
+
+  def __call__(self, ids):
+    ids = jnp.asarray(ids, jnp.int32)
+    x = jnp.take(self.token_embedding[...], ids, axis=0).astype(self.dtype)
+    x = x + self.positional_embedding[...][: ids.shape[1]].astype(self.dtype)
+    x = self.ln_final(self.transformer(x))
+    pooled = jnp.take_along_axis(x, jnp.argmax(ids, axis=-1)[:, None, None], axis=1)[:, 0]
+    return pooled @ self.text_projection[...].astype(self.dtype)
+
+
+class CLIP(nnx.Module):
+  """Two towers and a learned temperature; features come out in float32."""
+
+  def __init__(self, config: CLIPConfig, rngs: nnx.Rngs | None = None):
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    self.config = config
+    self.visual = VisionTower(config, rngs)
+    self.text = TextTower(config, rngs)
+    self.logit_scale = nnx.Param(jnp.asarray(math.log(1 / 0.07), config.param_dtype))
+
+  def encode_image(self, images):
+    """float32 NHWC, already preprocessed -> unnormalised [N, embed_dim] features."""
+    return self.visual(jnp.asarray(images)).astype(jnp.float32)
+
+  def encode_text(self, ids):
+    """int32 [N, context_length] token ids -> unnormalised [N, embed_dim] features."""
+    return self.text(ids).astype(jnp.float32)
+
+  def temperature(self):
+    """exp(logit_scale), clamped at 100 as in CLIP training."""
+    return jnp.minimum(jnp.exp(self.logit_scale[...].astype(jnp.float32)), 100.0)
+
+  def __call__(self, images, ids):
+    """Returns (logits_per_image [Ni, Nt], logits_per_text [Nt, Ni]), as open_clip."""
+    img = l2_normalize(self.encode_image(images))
+    txt = l2_normalize(self.encode_text(ids))
+    logits = self.temperature() * img @ txt.T
+    return logits, logits.T
+
+
+def l2_normalize(x, axis=-1, eps=1e-12):
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+def create(config: CLIPConfig, seed: int = 0) -> CLIP:
+  return CLIP(config, nnx.Rngs(seed))
+
+
+def num_params(model: CLIP) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
