@@ -141,7 +141,7 @@ def from_state_dict(sd: dict, config: clip.CLIPConfig, source: str = "<state dic
       value = np.stack([fetch(k, shape[1:], transform) for k in keys])
     else:
       value = fetch(keys, shape, transform)
-    var.value = jnp.asarray(value, config.param_dtype)
+    var.set_value(jnp.asarray(value, config.param_dtype))
   extra = sorted(set(sd) - used - set(_OPENAI_EXTRAS) - {"attn_mask"})
   if extra:
     raise CheckpointError(f"{source}: unexpected keys for {_describe(config)}: "
@@ -286,10 +286,12 @@ def _read_torch(path):
       obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many kinds; all mean the same thing here
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if "weights_only" in str(e) or "Unsupported global" in str(e):
+    if "Weights only load failed" in str(e):
+      lines = [l.strip() for l in str(e).splitlines()[1:] if l.strip()]
+      detail = "; ".join(l for l in lines if not l.startswith(("Check the", "Please file")))
       raise CheckpointError(
-          f"{path}: refused — the pickle holds objects other than tensors and could run code "
-          f"when loaded ({msg[:200]})") from None
+          f"{path}: refused — not a tensors-only pickle, so loading it could run code "
+          f"({detail[:200]})") from None
     raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
                           f"{msg[:300]}") from None
   if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

@@ -60,10 +60,8 @@ _BASE = {
     "ViT-B-16": _vit(512, 224, 16, 768, 12, 512, 12),
     "ViT-L-14": _vit(768, 224, 14, 1024, 24, 768, 12),
     "ViT-L-14-336": _vit(768, 336, 14, 1024, 24, 768, 12),
-    # Small enough for CPU tests: 32px images, two layers per tower.
-    "negjax-tiny": CLIPConfig(
-        embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
-        vision_heads=2, text_width=64, text_layers=2, text_heads=2),
+    # Small enough for CPU tests: 32px images, two layers of two heads per tower.
+    "negjax-tiny": _vit(64, 32, 8, 128, 2, 128, 2),
 }
 ARCHITECTURES = dict(_BASE)
 ARCHITECTURES.update(
