@@ -1,0 +1,1 @@
+"""Data: the shapes world, the negation caption engine, training records, NegBench files."""

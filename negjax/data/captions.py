@@ -1,0 +1,225 @@
+"""Caption engine: affirmative captions, NegCap and NegMCQ from a list of objects.
+
+One code path for every source (shapes world, COCO, CSV): it sees only the present and
+absent object names of an image and a per-image random generator. Each caption carries
+which objects it affirms and which it negates, so its truth can be checked against the
+annotation instead of trusted.
+"""
+import dataclasses
+import importlib
+
+import numpy as np
+
+AFFIRMATIVE_TEMPLATES = {
+    "photo_of": "a photo of {A}",
+    "plain": "{A}",
+    "image_with": "an image with {A}",
+    "there_is": "there is {A}",
+    "picture_showing": "a picture showing {A}",
+}
+# {A}: affirmed objects with articles; {n}: negated object bare; {a_n}: with an article.
+NEGCAP_TEMPLATES = {
+    "but_no": "{A} but no {n}",
+    "no_only": "no {n}, only {A}",
+    "without_any": "{A} without any {n}",
+    "there_is_and_no": "there is {A} and no {n}",
+    "and_there_is_no": "{A}, and there is no {n}",
+    "no_in_sight": "a picture of {A} with no {n} in sight",
+    "shown_but_not": "{A} {be} shown, but not {a_n}",
+    "has_but_not": "this image has {A} but does not have {a_n}",
+    "just": "there is no {n} here, just {A}",
+    "containing_not": "an image containing {A} but not {a_n}",
+    "not_present": "{A}; no {n} is present",
+}
+MCQ_TEMPLATES = {
+    "positive": "this image features {A}",
+    "negative": "this image does not feature {a_n}",
+    "hybrid": "this image features {A} but not {a_n}",
+}
+MCQ_TYPES = tuple(MCQ_TEMPLATES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Caption:
+  text: str
+  kind: str  # "affirmative", "negcap", or the MCQ type: "positive" / "negative" / "hybrid"
+  template: str  # key into the template table of its kind
+  affirmed: tuple = ()
+  negated: tuple = ()
+
+  def is_true(self, present):
+    present = set(present)
+    return set(self.affirmed) <= present and not set(self.negated) & present
+
+
+@dataclasses.dataclass(frozen=True)
+class Annotated:
+  """Everything generated for one image."""
+  present: tuple
+  absent: tuple
+  affirmative: tuple  # of Caption
+  negcap: tuple  # of Caption
+  mcq: tuple  # of 4 Caption, in shuffled order
+  answer: int  # index of the true option
+
+  @property
+  def answer_type(self):
+    return self.mcq[self.answer].kind
+
+
+def caption_rng(seed, split, index):
+  """Per-image generator: output does not depend on how images are split among workers."""
+  return np.random.default_rng((seed, split, index, 1))
+
+
+def with_article(name):
+  return ("an " if name[:1].lower() in "aeiou" else "a ") + name
+
+
+def join(names):
+  """'a red circle', 'a red circle and a blue star', 'a, b and c'."""
+  phrases = [with_article(n) for n in names]
+  return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def fill(template, affirmed=(), negated=None):
+  return template.format(
+      A=join(affirmed) if affirmed else "", be="is" if len(affirmed) == 1 else "are",
+      n=negated or "", a_n=with_article(negated) if negated else "")
+
+
+def complete_absent(present, absent, vocabulary, rng, k):
+  """Keeps given absent objects; when fewer than k, samples more from the vocabulary.
+
+  Used for COCO and CSV inputs, where absence is only known as "a category not present".
+  """
+  present = set(present)
+  absent = [a for a in dict.fromkeys(absent) if a not in present]
+  pool = sorted(set(vocabulary) - present - set(absent))
+  need = min(max(k - len(absent), 0), len(pool))
+  if need:
+    absent += [pool[i] for i in sorted(rng.choice(len(pool), size=need, replace=False))]
+  return tuple(absent)
+
+
+def _subset(objects, rng, most=2):
+  """1..most distinct objects in random order."""
+  n = int(rng.integers(1, min(most, len(objects)) + 1))
+  return tuple(objects[i] for i in rng.choice(len(objects), size=n, replace=False))
+
+
+def affirmative(present, rng, n=2):
+  names = rng.choice(list(AFFIRMATIVE_TEMPLATES), size=n, replace=n > len(AFFIRMATIVE_TEMPLATES))
+  out = []
+  for name in names:
+    objs = tuple(present[i] for i in rng.permutation(len(present)))
+    out.append(Caption(fill(AFFIRMATIVE_TEMPLATES[name], objs), "affirmative", str(name), objs))
+  return tuple(out)
+
+
+def negcap(present, absent, rng, n=3):
+  """n captions with distinct templates, each affirming 1-2 present and negating 1 absent."""
+  names = rng.choice(list(NEGCAP_TEMPLATES), size=n, replace=n > len(NEGCAP_TEMPLATES))
+  negated = [absent[i] for i in rng.permutation(len(absent))]
+  out = []
+  for j, name in enumerate(names):
+    objs, neg = _subset(present, rng), negated[j % len(negated)]
+    out.append(Caption(fill(NEGCAP_TEMPLATES[name], objs, neg), "negcap", str(name), objs, (neg,)))
+  return tuple(out)
+
+
+def _option(kind, affirmed=(), negated=None):
+  return Caption(fill(MCQ_TEMPLATES[kind], affirmed, negated), kind, kind, tuple(affirmed),
+                 (negated,) if negated else ())
+
+
+def _true_option(kind, present, absent, rng):
+  if kind == "positive":
+    return _option(kind, _subset(present, rng))
+  neg = absent[int(rng.integers(len(absent)))]
+  if kind == "negative":
+    return _option(kind, negated=neg)
+  return _option(kind, _subset(present, rng, most=1), neg)
+
+
+def _false_option(kind, present, absent, rng):
+  """A hard distractor: the same template with objects swapped."""
+  pick = lambda objs: objs[int(rng.integers(len(objs)))]
+  if kind == "positive":  # an absent object affirmed, sometimes beside a present one
+    affirmed = [pick(absent)]
+    if rng.random() < 0.5:
+      affirmed.insert(int(rng.integers(2)), pick(present))
+    return _option(kind, affirmed)
+  if kind == "negative":  # a present object negated
+    return _option(kind, negated=pick(present))
+  # hybrid: swap both sides, or negate a second present / affirm a second absent object
+  variants = ["swap"] + ["both_present"] * (len(present) > 1) + ["both_absent"] * (len(absent) > 1)
+  variant = variants[int(rng.integers(len(variants)))]
+  if variant == "swap":
+    return _option(kind, (pick(absent),), pick(present))
+  pool = present if variant == "both_present" else absent
+  a, b = (pool[i] for i in rng.choice(len(pool), size=2, replace=False))
+  return _option(kind, (a,), b)  # one side is wrong: a absent, or b present
+
+
+def mcq(present, absent, rng, max_tries=20):
+  """4 options: one true (uniform template type) and a false one of every type, shuffled."""
+  answer_type = MCQ_TYPES[int(rng.integers(len(MCQ_TYPES)))]
+  true = _true_option(answer_type, present, absent, rng)
+  options = [true]
+  for kind in MCQ_TYPES:
+    for _ in range(max_tries):
+      option = _false_option(kind, present, absent, rng)
+      if option.text not in {o.text for o in options}:
+        break
+    else:
+      raise ValueError(f"cannot build 4 distinct MCQ options from present={present} "
+                       f"absent={absent}")
+    options.append(option)
+  order = rng.permutation(len(options))
+  return tuple(options[i] for i in order), int(np.argmax(order == 0))
+
+
+def load_paraphraser(spec):
+  """Imports a paraphraser given as "package.module:function" (or "package.module.function")."""
+  if not spec:
+    return None
+  module, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
+  try:
+    return getattr(importlib.import_module(module), attr)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f"cannot import paraphraser {spec!r}: {e}") from e
+
+
+def paraphrase(captions, fn, batched=False):
+  """Rewrites caption texts; which objects each caption affirms or negates is kept as is.
+
+  The paper rephrased template captions with an LLM; `fn` is that hook (str -> str, or
+  list[str] -> list[str] when batched). It must keep the meaning: nothing re-checks it.
+  """
+  if fn is None or not captions:
+    return tuple(captions)
+  texts = [c.text for c in captions]
+  new = list(fn(texts)) if batched else [fn(t) for t in texts]
+  if len(new) != len(texts) or not all(isinstance(t, str) for t in new):
+    raise ValueError("paraphraser must return one str per caption")
+  return tuple(dataclasses.replace(c, text=t) for c, t in zip(captions, new))
+
+
+def annotate(present, absent, rng, num_affirmative=2, num_negcap=3,
+             paraphraser=None, paraphraser_batched=False):
+  """All captions of one image. Needs at least one present and one absent object."""
+  present, absent = tuple(present), tuple(absent)
+  if not present:
+    raise ValueError("no present objects")
+  if not absent:
+    raise ValueError("no absent objects")
+  if set(present) & set(absent):
+    raise ValueError(f"objects both present and absent: {sorted(set(present) & set(absent))}")
+  aff = affirmative(present, rng, num_affirmative)
+  neg = negcap(present, absent, rng, num_negcap)
+  options, answer = mcq(present, absent, rng)
+  if paraphraser is not None:
+    caps = paraphrase(aff + neg + options, paraphraser, paraphraser_batched)
+    aff, neg, options = caps[:len(aff)], caps[len(aff):len(aff) + len(neg)], caps[len(aff) + len(neg):]
+  return Annotated(present, absent, aff, neg, options, answer)

@@ -1,0 +1,274 @@
+"""Builds a negation data set: training shards + NegBench-format evaluation CSVs.
+
+  python -m negjax.data.make --config configs/data/shapes.py --config.out=DIR
+
+Output:
+  DIR/train/NAME-train.array_record-*   training records (schema: negjax.data.records)
+  DIR/train/dataset_info.json ...       TFDS metadata for the shards
+  DIR/eval/NAME_val_mcq.csv             image MCQ (+ caption_k_type columns)
+  DIR/eval/NAME_val_retrieval.csv       retrieval with affirmative captions
+  DIR/eval/NAME_val_negated_retrieval.csv  retrieval with NegCap captions
+  DIR/eval/images/*.png                 rendered images (shapes world only)
+  DIR/summary.json                      counts per template, skipped inputs with reasons
+
+Train and eval images are disjoint: shapes uses different generator streams, COCO/CSV
+different annotation files. Every random choice is seeded by (seed, split, index).
+"""
+import collections
+import csv
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from negjax.data import annotations
+from negjax.data import captions
+from negjax.data import records
+from negjax.data import shapes
+
+TRAIN, EVAL = 0, 1  # split ids in the random streams
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesWorld:
+  seed: int
+  split: int
+  count: int
+  num_absent: int
+
+  def __len__(self):
+    return self.count
+
+  def get(self, index, size):
+    scene = shapes.sample_scene(shapes.scene_rng(self.seed, self.split, index),
+                                num_absent=self.num_absent)
+    key = f"{'train' if self.split == TRAIN else 'val'}_{index:07d}"
+    return key, lambda: shapes.render(scene, size), tuple(o.name for o in scene.objects), \
+        scene.absent
+
+  vocabulary = shapes.OBJECTS
+
+
+@dataclasses.dataclass(frozen=True)
+class FileItems:
+  annotations: annotations.Annotations
+  count: int
+
+  def __len__(self):
+    return self.count
+
+  @property
+  def vocabulary(self):
+    return self.annotations.vocabulary
+
+  def get(self, index, size):
+    item = self.annotations.items[index]
+    return item.key, lambda: annotations.load_image(item.image_path, size), item.present, \
+        item.absent
+
+
+@functools.cache
+def _paraphraser(spec):
+  return captions.load_paraphraser(spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+  """index -> (record, tags): the one place where objects become captions. Picklable."""
+  source: object
+  seed: int
+  split: int
+  image_size: int
+  num_affirmative: int = 2
+  num_negcap: int = 3
+  num_absent: int = 4
+  paraphraser: str = None
+  paraphraser_batched: bool = False
+
+  def annotate(self, index):
+    key, image, present, absent = self.source.get(index, self.image_size)
+    rng = captions.caption_rng(self.seed, self.split, index)
+    absent = captions.complete_absent(present, absent, self.source.vocabulary, rng,
+                                      self.num_absent)
+    if not absent:
+      raise records.Skip(key, "no absent object available (vocabulary too small)")
+    ann = captions.annotate(present, absent, rng, self.num_affirmative, self.num_negcap,
+                            _paraphraser(self.paraphraser), self.paraphraser_batched)
+    return key, image, ann
+
+  def load(self, key, image):
+    try:
+      return image()
+    except OSError as e:  # missing or unreadable image file
+      raise records.Skip(key, f"cannot read image: {e}") from e
+
+  def __call__(self, index):
+    key, image, ann = self.annotate(index)
+    example = {
+        "key": key, "image": self.load(key, image),
+        "affirmative": [c.text for c in ann.affirmative],
+        "negcap": [c.text for c in ann.negcap],
+        "negcap_negated": [c.negated[0] for c in ann.negcap],
+        "mcq_options": [c.text for c in ann.mcq],
+        "mcq_types": [c.kind for c in ann.mcq],
+        "mcq_answer": np.int32(ann.answer),
+        "present": list(ann.present), "absent": list(ann.absent),
+    }
+    return example, tags(ann)
+
+
+def tags(ann):
+  """What gets counted in the summary."""
+  return ([f"affirmative/{c.template}" for c in ann.affirmative]
+          + [f"negcap/{c.template}" for c in ann.negcap]
+          + [f"mcq_answer/{ann.answer_type}", f"mcq_answer_position/{ann.answer}"]
+          + [f"mcq_option/{c.kind}" for c in ann.mcq])
+
+
+def sources(config):
+  """(train source, eval source, reader skips) for the configured input."""
+  if config.source == "shapes":
+    return (ShapesWorld(config.seed, TRAIN, config.train_size, config.num_absent),
+            ShapesWorld(config.seed, EVAL, config.eval_size, config.num_absent), [])
+  out, skipped = [], []
+  for split in ("train", "eval"):
+    if config.source == "coco":
+      path = config.get(f"{split}_annotations")
+      read = lambda p: annotations.read_coco(p, config.get(f"{split}_images"),
+                                             config.check_images)
+    elif config.source == "csv":
+      path = config.get(f"{split}_csv")
+      read = lambda p: annotations.read_csv(p, config.image_root, config.check_images)
+    else:
+      raise ValueError(f"unknown source {config.source!r}: use shapes, coco or csv")
+    if not path:
+      out.append(None)
+      continue
+    ann = read(path)
+    skipped += [(f"{path}: {k}", reason) for k, reason in ann.skipped]
+    size = config.get(f"{split}_size")
+    out.append(FileItems(ann, len(ann.items) if size < 0 else min(size, len(ann.items))))
+  return out[0], out[1], skipped
+
+
+def _examples(config, source, split):
+  return Examples(source, config.seed, split, config.image_size, config.num_affirmative,
+                  config.num_negcap, config.num_absent, config.paraphraser or None,
+                  config.paraphraser_batched)
+
+
+def write_eval(examples, eval_dir, name, progress=True):
+  """The three NegBench CSVs; returns (number of images, tag counter, skipped)."""
+  from tqdm import tqdm
+  image_dir = os.path.join(eval_dir, "images")
+  os.makedirs(image_dir, exist_ok=True)
+  mcq_rows, retrieval_rows, negated_rows = [], [], []
+  counts, skipped = collections.Counter(), []
+  for index in tqdm(range(len(examples.source)), desc="eval images", disable=not progress):
+    try:
+      key, image, ann = examples.annotate(index)
+      if isinstance(examples.source, ShapesWorld):
+        from PIL import Image
+        rel = os.path.join("images", f"{key}.png")
+        Image.fromarray(examples.load(key, image)).save(os.path.join(eval_dir, rel),
+                                                        optimize=False)
+      else:  # real photos stay where they are; the CSV points at them
+        path = examples.source.annotations.items[index].image_path
+        if not os.path.isfile(path):
+          raise records.Skip(key, f"missing image file {path}")
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(eval_dir))
+    except records.Skip as e:
+      skipped.append(e.args)
+      continue
+    counts.update(tags(ann))
+    mcq_rows.append([rel] + [c.text for c in ann.mcq] + [ann.answer, ann.answer_type]
+                    + [c.kind for c in ann.mcq])
+    retrieval_rows.append([rel, repr([c.text for c in ann.affirmative])])
+    negated_rows.append([rel, repr([c.text for c in ann.negcap])])
+  n = len(captions.MCQ_TYPES) + 1
+  _write_csv(os.path.join(eval_dir, f"{name}_val_mcq.csv"),
+             ["image_path"] + [f"caption_{i}" for i in range(n)]
+             + ["correct_answer", "correct_answer_template"]
+             + [f"caption_{i}_type" for i in range(n)], mcq_rows)
+  for file, rows in ((f"{name}_val_retrieval.csv", retrieval_rows),
+                     (f"{name}_val_negated_retrieval.csv", negated_rows)):
+    _write_csv(os.path.join(eval_dir, file), ["filepath", "captions"], rows)
+  return len(mcq_rows), counts, skipped
+
+
+def _write_csv(path, header, rows):
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+
+
+def build(config):
+  """Builds everything under config.out; returns the summary (also DIR/summary.json)."""
+  if not config.out:
+    raise ValueError("set --config.out=DIR")
+  t0 = time.perf_counter()
+  train, val, skipped = sources(config)
+  summary = {"name": config.name, "source": config.source, "seed": config.seed,
+             "image_size": config.image_size}
+  if train is not None and len(train):
+    results = records.write_split(
+        _examples(config, train, TRAIN), len(train), os.path.join(config.out, "train"),
+        config.name, "train", config.shards, config.workers or os.cpu_count(),
+        config.progress)
+    records.write_metadata(os.path.join(config.out, "train"), config.name,
+                           {"train": results})
+    skipped += [(f"train {k}", r) for res in results for k, r in res.skipped]
+    summary["train"] = {"records": sum(r.length for r in results),
+                        "bytes": sum(r.num_bytes for r in results),
+                        "counts": dict(sorted(sum((r.tags for r in results),
+                                                  collections.Counter()).items()))}
+  if val is not None and len(val):
+    n, counts, eval_skipped = write_eval(_examples(config, val, EVAL),
+                                      os.path.join(config.out, "eval"), config.name,
+                                      config.progress)
+    skipped += [(f"eval {k}", r) for k, r in eval_skipped]
+    summary["eval"] = {"images": n, "counts": dict(sorted(counts.items()))}
+  if "train" not in summary and "eval" not in summary:
+    raise ValueError("nothing to build: no usable train or eval items "
+                     f"({len(skipped)} skipped)")
+  summary["skipped_count"] = len(skipped)
+  summary["skipped"] = [{"key": k, "reason": r} for k, r in skipped]
+  summary["seconds"] = round(time.perf_counter() - t0, 2)
+  with open(os.path.join(config.out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+def print_summary(summary, file=sys.stdout):
+  for split in ("train", "eval"):
+    if split not in summary:
+      continue
+    part = summary[split]
+    size = part.get("records", part.get("images"))
+    print(f"{split}: {size} images", file=file)
+    for k, v in part["counts"].items():
+      print(f"  {k:32s} {v}", file=file)
+  print(f"skipped: {summary['skipped_count']}", file=file)
+  for s in summary["skipped"][:20]:
+    print(f"  {s['key']}: {s['reason']}", file=file)
+  if summary["skipped_count"] > 20:
+    print("  ... (all listed in summary.json)", file=file)
+  print(f"took {summary['seconds']} s", file=file)
+
+
+def main(argv):
+  del argv
+  summary = build(_CONFIG.value)
+  print_summary(summary)
+
+
+if __name__ == "__main__":
+  from absl import app
+  from ml_collections import config_flags
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "data config file")
+  app.run(main)
