@@ -53,8 +53,20 @@ def features():
   })
 
 
+@functools.cache
+def _serializer():
+  from tensorflow_datasets.core import example_serializer
+  return example_serializer.ExampleSerializer(features().get_serialized_info())
+
+
 def encode(example):
-  return features().serialize_example(example)
+  """Example dict -> record bytes, identical in every process.
+
+  `FeaturesDict.serialize_example` writes the proto's feature map in hash order, which
+  changes with each interpreter's string-hash seed; deterministic serialization sorts it.
+  """
+  proto = _serializer().get_tf_example(features().encode_example(example))
+  return proto.SerializeToString(deterministic=True)
 
 
 def decode(record):

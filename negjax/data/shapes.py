@@ -60,19 +60,13 @@ def sample_scene(rng, max_objects=4, num_absent=4):
   names = rng.choice(len(OBJECTS), size=n, replace=False)
   # Radii shrink with crowding so up to 4 objects fit without touching.
   r_lo, r_hi = {1: (0.17, 0.28), 2: (0.14, 0.22), 3: (0.13, 0.19), 4: (0.12, 0.17)}[n]
-  placed = []
-  for k in names:
-    colour, shape = OBJECTS[k].split(" ")
-    for attempt in range(200):
-      r = rng.uniform(r_lo, r_hi) * (0.985 ** attempt)
-      x, y = rng.uniform(r + 0.02, 1 - r - 0.02, size=2)
-      if all(math.hypot(x - o.x, y - o.y) > r + o.r + 0.03 for o in placed):
-        break
-    else:  # pragma: no cover - the shrinking radius makes this practically unreachable
-      raise RuntimeError("could not place objects without overlap")
-    tilt = _MAX_TILT.get(shape, 0 if shape in ("circle", "ring") else 25)
-    placed.append(Object(colour, shape, float(x), float(y), float(r),
-                         float(rng.uniform(-tilt, tilt))))
+  placed = None
+  for attempt in range(100):  # re-place the whole scene; radii shrink slowly if crowded
+    placed = _place(names, rng, r_lo * 0.995 ** attempt, r_hi * 0.995 ** attempt)
+    if placed:
+      break
+  else:  # pragma: no cover - with these radii a few attempts always suffice
+    raise RuntimeError("could not place objects without overlap")
   # Muted, low-saturation backgrounds so every object colour stands out.
   grey = rng.uniform(70, 200, size=2)
   tint = rng.uniform(-18, 18, size=(2, 3))
@@ -80,6 +74,24 @@ def sample_scene(rng, max_objects=4, num_absent=4):
   present = [o.name for o in placed]
   return Scene(tuple(placed), background, float(rng.uniform(0, 360)),
                int(rng.integers(2**31)), plausible_absent(present, rng, num_absent))
+
+
+def _place(names, rng, r_lo, r_hi, tries=30):
+  """Non-overlapping objects with a margin, or None if this draw got too crowded."""
+  placed = []
+  for k in names:
+    colour, shape = OBJECTS[k].split(" ")
+    r = rng.uniform(r_lo, r_hi)
+    for _ in range(tries):
+      x, y = rng.uniform(r + 0.02, 1 - r - 0.02, size=2)
+      if all(math.hypot(x - o.x, y - o.y) > r + o.r + 0.03 for o in placed):
+        break
+    else:
+      return None
+    tilt = _MAX_TILT.get(shape, 0 if shape in ("circle", "ring") else 25)
+    placed.append(Object(colour, shape, float(x), float(y), float(r),
+                         float(rng.uniform(-tilt, tilt))))
+  return placed
 
 
 def plausible_absent(present, rng, k):

@@ -1,0 +1,204 @@
+"""End to end: `negjax.data.make` output is deterministic and reads back exactly."""
+import ast
+import csv
+import filecmp
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from negjax.data import annotations
+from negjax.data import make
+from negjax.data import records
+from tests.test_data_annotations import write_coco
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def data_config(name, **overrides):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs/data", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.progress = False
+  config.update(overrides)
+  return config
+
+
+def tiny_shapes(out, **overrides):
+  kw = dict(out=str(out), train_size=18, eval_size=8, shards=4, workers=1)
+  kw.update(overrides)
+  return data_config("shapes", **kw)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  """The same tiny shapes world built in one process, again, and with two workers."""
+  root = tmp_path_factory.mktemp("shapes")
+  configs = {"one": tiny_shapes(root / "one"), "again": tiny_shapes(root / "again"),
+             "two": tiny_shapes(root / "two", workers=2)}
+  return {k: (c, make.build(c)) for k, c in configs.items()}
+
+
+def _files(root):
+  return sorted(os.path.relpath(os.path.join(d, f), root)
+                for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.mark.parametrize("other", ["again", "two"])
+def test_identical_bytes_across_runs_and_worker_counts(built, other):
+  a, b = built["one"][0].out, built[other][0].out
+  files = _files(a)
+  assert files == _files(b) and len(files) > 10
+  for f in files:
+    if f != "summary.json":  # holds the wall time
+      assert filecmp.cmp(os.path.join(a, f), os.path.join(b, f), shallow=False), f
+  strip = lambda s: {k: v for k, v in s.items() if k != "seconds"}
+  assert strip(built["one"][1]) == strip(built[other][1])
+
+
+def test_other_seed_gives_other_data(built, tmp_path):
+  config = tiny_shapes(tmp_path, seed=1)
+  make.build(config)
+  a, b = (records.training_source(os.path.join(c.out, "train")) for c in (built["one"][0], config))
+  assert not np.array_equal(a[0]["image"], b[0]["image"])
+
+
+def test_summary_counts(built):
+  config, summary = built["one"]
+  assert summary["train"]["records"] == 18 and summary["eval"]["images"] == 8
+  assert summary["skipped_count"] == 0
+  counts = summary["train"]["counts"]
+  assert sum(v for k, v in counts.items() if k.startswith("negcap/")) == 3 * 18
+  assert sum(v for k, v in counts.items() if k.startswith("mcq_option/")) == 4 * 18
+  with open(os.path.join(config.out, "summary.json")) as f:
+    assert json.load(f) == summary
+
+
+def test_shards_round_trip_through_grain(built):
+  import grain
+  config, _ = built["one"]
+  source = records.training_source(os.path.join(config.out, "train"))
+  train, _, _ = make.sources(config)
+  examples = make._examples(config, train, make.TRAIN)
+  assert len(source) == 18
+  for index in range(len(source)):
+    got, (want, _) = source[index], examples(index)
+    np.testing.assert_array_equal(got["image"], want["image"])
+    assert got["key"] == want["key"] and got["mcq_answer"] == want["mcq_answer"]
+    for name in ("affirmative", "negcap", "negcap_negated", "mcq_options", "mcq_types"):
+      assert list(got[name]) == want[name], name
+    assert got["present"].split(";") == want["present"]
+    assert got["absent"].split(";") == want["absent"]
+    types = list(got["mcq_types"])
+    assert sorted(set(types)) == ["hybrid", "negative", "positive"]
+  batch = grain.MapDataset.source(source).shuffle(seed=0).batch(4)[0]
+  assert batch["image"].shape == (4, 64, 64, 3) and batch["mcq_options"].shape == (4, 4)
+
+
+def test_tfds_reads_the_same_records(built):
+  import tensorflow_datasets as tfds
+  config, _ = built["one"]
+  train_dir = os.path.join(config.out, "train")
+  ds = tfds.builder_from_directory(train_dir).as_data_source()["train"]
+  ours = records.training_source(train_dir)
+  assert len(ds) == len(ours)
+  for i in (0, 7, 17):
+    np.testing.assert_array_equal(ds[i]["image"], ours[i]["image"])
+    assert ds[i]["key"].decode() == ours[i]["key"]
+
+
+def _rows(path):
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def test_eval_csvs_match_the_engine(built):
+  config, _ = built["one"]
+  eval_dir = os.path.join(config.out, "eval")
+  _, val, _ = make.sources(config)
+  examples = make._examples(config, val, make.EVAL)
+  mcq = _rows(os.path.join(eval_dir, "shapes_val_mcq.csv"))
+  retrieval = _rows(os.path.join(eval_dir, "shapes_val_retrieval.csv"))
+  negated = _rows(os.path.join(eval_dir, "shapes_val_negated_retrieval.csv"))
+  assert list(mcq[0]) == (["image_path"] + [f"caption_{i}" for i in range(4)]
+                          + ["correct_answer", "correct_answer_template"]
+                          + [f"caption_{i}_type" for i in range(4)])
+  assert list(retrieval[0]) == list(negated[0]) == ["filepath", "captions"]
+  assert len(mcq) == len(retrieval) == len(negated) == 8
+  for index, (m, r, n) in enumerate(zip(mcq, retrieval, negated)):
+    key, image, ann = examples.annotate(index)
+    assert m["image_path"] == r["filepath"] == n["filepath"] == f"images/{key}.png"
+    on_disk = np.asarray(Image.open(os.path.join(eval_dir, m["image_path"])))
+    np.testing.assert_array_equal(on_disk, image())
+    answer = int(m["correct_answer"])
+    assert answer == ann.answer
+    assert m["correct_answer_template"] == m[f"caption_{answer}_type"] == ann.answer_type
+    assert [m[f"caption_{i}"] for i in range(4)] == [c.text for c in ann.mcq]
+    assert [m[f"caption_{i}_type"] for i in range(4)] == [c.kind for c in ann.mcq]
+    assert sum(c.is_true(ann.present) for c in ann.mcq) == 1
+    assert ast.literal_eval(r["captions"]) == [c.text for c in ann.affirmative]
+    negated_caps = ast.literal_eval(n["captions"])
+    assert negated_caps == [c.text for c in ann.negcap] and len(negated_caps) == 3
+    for c in ann.negcap:
+      assert c.negated[0] in ann.absent and c.negated[0] not in ann.present
+
+
+def test_answer_positions_are_shuffled(built):
+  config, _ = built["one"]
+  source = records.training_source(os.path.join(config.out, "train"))
+  assert len({int(source[i]["mcq_answer"]) for i in range(len(source))}) > 1
+
+
+def test_coco_layout_builds_with_skips_listed(tmp_path):
+  bad = [{"id": 900, "image_id": 101, "category_id": 999}]
+  path, image_dir = write_coco(tmp_path, images=6, extra_annotations=bad,
+                               drop_files=("000000000004.jpg",))
+  config = data_config("coco", out=str(tmp_path / "out"), train_annotations=str(path),
+                       train_images=str(image_dir), eval_annotations=str(path),
+                       eval_images=str(image_dir), image_size=24, shards=2, workers=1)
+  summary = make.build(config)
+  assert summary["train"]["records"] == 5 and summary["eval"]["images"] == 5
+  reasons = [s["reason"] for s in summary["skipped"]]
+  assert reasons.count("unknown category_id 999") == 2  # read once per split
+  assert sum(r.startswith("missing image file") for r in reasons) == 2
+  source = records.training_source(tmp_path / "out" / "train")
+  vocabulary = {"person", "dog", "apple", "chair", "toothbrush"}
+  for i in range(len(source)):
+    ex = source[i]
+    assert ex["image"].shape == (24, 24, 3)
+    present, absent = set(ex["present"].split(";")), set(ex["absent"].split(";"))
+    assert present and absent and present.isdisjoint(absent) and absent <= vocabulary
+  eval_dir = tmp_path / "out" / "eval"
+  for row in _rows(eval_dir / "coco_val_mcq.csv"):
+    assert os.path.samefile(eval_dir / row["image_path"], image_dir / os.path.basename(row["image_path"]))
+
+
+def test_csv_input_builds_and_malformed_csv_errors(tmp_path):
+  for name in ("a.png", "b.png", "c.png"):
+    Image.new("RGB", (30, 20), (10, 200, 10)).save(tmp_path / name)
+  (tmp_path / "train.csv").write_text(
+      "image_path,positive_objects,negative_objects\n"
+      "a.png,dog;frisbee,cat\nb.png,person,\nc.png,,cat\n")
+  config = data_config("csv", out=str(tmp_path / "out"), train_csv=str(tmp_path / "train.csv"),
+                       image_size=16, shards=1, workers=1)
+  summary = make.build(config)
+  assert summary["train"]["records"] == 2 and "eval" not in summary
+  assert summary["skipped"] == [{"key": f"{tmp_path / 'train.csv'}: row 4",
+                                 "reason": "no positive objects"}]
+  ex = records.training_source(tmp_path / "out" / "train")[0]
+  assert ex["absent"].split(";")[0] == "cat"  # given absent objects come first
+  (tmp_path / "bad.csv").write_text("image,objects\na.png,dog\n")
+  config.train_csv = str(tmp_path / "bad.csv")
+  with pytest.raises(annotations.AnnotationError, match="bad.csv: header"):
+    make.build(config)
+
+
+def test_nothing_to_build_is_an_error(tmp_path):
+  (tmp_path / "empty.csv").write_text("image_path,positive_objects\nx.png,\n")
+  config = data_config("csv", out=str(tmp_path / "out"), train_csv=str(tmp_path / "empty.csv"))
+  with pytest.raises(ValueError, match="nothing to build"):
+    make.build(config)
