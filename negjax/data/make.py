@@ -23,6 +23,7 @@ import os
 import sys
 import time
 
+import ml_collections
 import numpy as np
 
 from negjax.data import annotations
@@ -134,6 +135,12 @@ def sources(config):
   if config.source == "shapes":
     return (ShapesWorld(config.seed, TRAIN, config.train_size, config.num_absent),
             ShapesWorld(config.seed, EVAL, config.eval_size, config.num_absent), [])
+  keys = {"coco": ("train_annotations", "eval_annotations"), "csv": ("train_csv", "eval_csv")}
+  if config.source not in keys:
+    raise ValueError(f"unknown source {config.source!r}: use shapes, coco or csv")
+  if not any(config.get(k) for k in keys[config.source]):
+    raise ValueError(f"set --config.{keys[config.source][0]} and/or "
+                     f"--config.{keys[config.source][1]}")
   out, skipped = [], []
   for split in ("train", "eval"):
     if config.source == "coco":
@@ -143,8 +150,6 @@ def sources(config):
     elif config.source == "csv":
       path = config.get(f"{split}_csv")
       read = lambda p: annotations.read_csv(p, config.image_root, config.check_images)
-    else:
-      raise ValueError(f"unknown source {config.source!r}: use shapes, coco or csv")
     if not path:
       out.append(None)
       continue
@@ -207,6 +212,38 @@ def _write_csv(path, header, rows):
     w.writerows(rows)
 
 
+def default_config(source="shapes", **overrides):
+  """Every knob of `build`; configs/data/*.py return this for their source."""
+  c = ml_collections.ConfigDict()
+  c.source = source  # "shapes", "coco" or "csv"
+  c.name = {"shapes": "shapes", "coco": "coco"}.get(source, "custom")  # file name prefix
+  c.out = ""  # required: output directory
+  c.seed = 0
+  c.image_size = 64 if source == "shapes" else 224  # stored (square) image side
+  c.train_size = 50_000 if source == "shapes" else -1  # -1: every annotated image
+  c.eval_size = 3_000 if source == "shapes" else -1
+  c.shards = 32  # fixed index ranges: the output does not depend on `workers`
+  c.workers = 0  # processes writing shards; 0: one per CPU
+  c.num_affirmative = 2  # affirmative captions per image (retrieval set, training)
+  c.num_negcap = 3  # NegCap captions per image
+  c.num_absent = 4  # absent objects per image (given ones first, then sampled)
+  c.paraphraser = ""  # "package.module:function", str -> str; "" = templates only
+  c.paraphraser_batched = False  # the paraphraser takes and returns a list of str
+  c.progress = True
+  if source == "coco":
+    c.train_annotations, c.train_images = "", ""  # instances_*.json and its image folder
+    c.eval_annotations, c.eval_images = "", ""  # either split may be left empty
+    c.check_images = True  # list missing image files as skipped while reading
+  elif source == "csv":
+    c.train_csv, c.eval_csv = "", ""
+    c.image_root = ml_collections.config_dict.placeholder(str)  # None: the CSV's directory
+    c.check_images = True
+  elif source != "shapes":
+    raise ValueError(f"unknown source {source!r}: use shapes, coco or csv")
+  c.update(overrides)
+  return c
+
+
 def build(config):
   """Builds everything under config.out; returns the summary (also DIR/summary.json)."""
   if not config.out:
@@ -263,7 +300,10 @@ def print_summary(summary, file=sys.stdout):
 
 def main(argv):
   del argv
-  summary = build(_CONFIG.value)
+  try:
+    summary = build(_CONFIG.value)
+  except (annotations.AnnotationError, ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
   print_summary(summary)
 
 

@@ -209,5 +209,4 @@ def training_source(path_or_dir, split="train"):
     paths = sorted(glob.glob(path))
   if not paths:
     raise FileNotFoundError(f"no {split!r} {FORMAT} shards at {path}")
-  # Empty shards (every item skipped) hold no records; the reader rejects them.
-  return ParsedSource([p for p in paths if os.path.getsize(p) > 0] or paths)
+  return ParsedSource(paths)
