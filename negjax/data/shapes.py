@@ -138,7 +138,6 @@ def _outline(shape, cx, cy, r, angle):
 
 def render(scene, size=64):
   """Draws a scene as a (size, size, 3) uint8 image."""
-  big = size * _SUPERSAMPLE
   # Background: a linear gradient between two muted colours, plus faint noise.
   t = math.radians(scene.gradient_angle)
   u = np.linspace(-0.5, 0.5, size)
@@ -146,8 +145,9 @@ def render(scene, size=64):
   c0, c1 = (np.asarray(c, np.float32) for c in scene.background)
   bg = c0 * (1 - ramp) + c1 * ramp
   bg += np.random.default_rng(scene.noise_seed).normal(0, 4, bg.shape)
-  bg = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8)).resize((big, big), Image.BILINEAR)
-  # Objects go on their own layer with a mask, so edges blend after downscaling.
+  # Objects are drawn large on black with a coverage mask, then box-downscaled: the
+  # small layer is colour x coverage, so blending is one multiply-add (no overlaps).
+  big = size * _SUPERSAMPLE
   layer = Image.new("RGB", (big, big))
   mask = Image.new("L", (big, big), 0)
   draw, mdraw = ImageDraw.Draw(layer), ImageDraw.Draw(mask)
@@ -167,8 +167,9 @@ def render(scene, size=64):
     else:
       draw.polygon(pts, fill=colour)
       mdraw.polygon(pts, fill=255)
-  bg.paste(layer, (0, 0), mask)
-  return np.asarray(bg.resize((size, size), Image.BOX))
+  fg = np.asarray(layer.reduce(_SUPERSAMPLE), np.float32)
+  alpha = np.asarray(mask.reduce(_SUPERSAMPLE), np.float32)[..., None] / 255
+  return np.clip(np.rint(bg * (1 - alpha) + fg), 0, 255).astype(np.uint8)
 
 
 def make(seed, split, index, size=64, num_absent=4):
