@@ -95,6 +95,10 @@ def test_shards_round_trip_through_grain(built):
     assert got["absent"].split(";") == want["absent"]
     types = list(got["mcq_types"])
     assert sorted(set(types)) == ["hybrid", "negative", "positive"]
+    present, absent = set(want["present"]), set(want["absent"])
+    assert present.isdisjoint(absent)
+    for negated in got["negcap_negated"]:  # every NegCap caption negates an absent object
+      assert negated in absent and negated not in present
   batch = grain.MapDataset.source(source).shuffle(seed=0).batch(4)[0]
   assert batch["image"].shape == (4, 64, 64, 3) and batch["mcq_options"].shape == (4, 4)
 
@@ -202,3 +206,13 @@ def test_nothing_to_build_is_an_error(tmp_path):
   config = data_config("csv", out=str(tmp_path / "out"), train_csv=str(tmp_path / "empty.csv"))
   with pytest.raises(ValueError, match="nothing to build"):
     make.build(config)
+
+
+def test_paraphraser_is_applied_by_import_path(tmp_path):
+  config = tiny_shapes(tmp_path, train_size=3, eval_size=3, shards=1,
+                       paraphraser="tests.test_data_captions:shout")
+  make.build(config)
+  for row in _rows(tmp_path / "eval" / "shapes_val_mcq.csv"):
+    assert row["caption_0"] == row["caption_0"].upper() and row["caption_0_type"].islower()
+  ex = records.training_source(tmp_path / "train")[0]
+  assert all(c.isupper() for c in ex["negcap"]) and ex["present"].islower()

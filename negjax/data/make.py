@@ -34,6 +34,11 @@ from negjax.data import shapes
 TRAIN, EVAL = 0, 1  # split ids in the random streams
 
 
+# A source has a length, a `vocabulary` of object names and
+# `get(index, size) -> (key, load_image, present, absent)`; `load_image()` gives the
+# (size, size, 3) uint8 image, so train workers load files and eval skips loading them.
+
+
 @dataclasses.dataclass(frozen=True)
 class ShapesWorld:
   seed: int
@@ -97,8 +102,11 @@ class Examples:
                                       self.num_absent)
     if not absent:
       raise records.Skip(key, "no absent object available (vocabulary too small)")
-    ann = captions.annotate(present, absent, rng, self.num_affirmative, self.num_negcap,
-                            _paraphraser(self.paraphraser), self.paraphraser_batched)
+    try:
+      ann = captions.annotate(present, absent, rng, self.num_affirmative, self.num_negcap,
+                              _paraphraser(self.paraphraser), self.paraphraser_batched)
+    except ValueError as e:  # e.g. too few objects for 4 distinct MCQ options
+      raise records.Skip(key, str(e)) from e
     return key, image, ann
 
   def load(self, key, image):
@@ -273,6 +281,9 @@ def build(config):
   if "train" not in summary and "eval" not in summary:
     raise ValueError("nothing to build: no usable train or eval items "
                      f"({len(skipped)} skipped)")
+  summary["paths"] = {"train": "train", "eval": "eval", **{
+      kind: os.path.join("eval", f"{config.name}_val_{kind}.csv")
+      for kind in ("mcq", "retrieval", "negated_retrieval")}}
   summary["skipped_count"] = len(skipped)
   summary["skipped"] = [{"key": k, "reason": r} for k, r in skipped]
   summary["seconds"] = round(time.perf_counter() - t0, 2)
