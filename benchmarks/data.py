@@ -39,7 +39,8 @@ def main():
   r = rate(n, lambda: scenes.extend(shapes.sample_scene(shapes.scene_rng(0, 0, i))
                                     for i in range(n)))
   print(f"scene sampling        {r:9.0f} scenes/s")
-  print(f"rendering             {rate(n, lambda: [shapes.render(s, size) for s in scenes]):9.0f} images/s")
+  r = rate(n, lambda: [shapes.render(s, size) for s in scenes])
+  print(f"rendering             {r:9.0f} images/s")
   objs = [([o.name for o in s.objects], s.absent) for s in scenes]
   r = rate(n, lambda: [captions.annotate(p, a, captions.caption_rng(0, 0, i))
                        for i, (p, a) in enumerate(objs)])
@@ -49,8 +50,10 @@ def main():
   examples = make._examples(config, train, make.TRAIN)
   made = [examples(i)[0] for i in range(200)]
   records.encode(made[0])  # warm the feature spec
-  print(f"record encoding       {rate(200, lambda: [records.encode(e) for e in made]):9.0f} examples/s")
-  print(f"example, end to end   {rate(200, lambda: [records.encode(examples(i)[0]) for i in range(200)]):9.0f} examples/s")
+  r = rate(200, lambda: [records.encode(e) for e in made])
+  print(f"record encoding       {r:9.0f} examples/s")
+  r = rate(200, lambda: [records.encode(examples(i)[0]) for i in range(200)])
+  print(f"example, end to end   {r:9.0f} examples/s")
 
   tmp = tempfile.mkdtemp()
   try:
@@ -62,7 +65,8 @@ def main():
             f"({args.records} records, {args.shards} shards)")
     source = records.training_source(out)
     m = min(len(source), 2000)
-    print(f"reading (Grain source) {rate(m, lambda: [source[(i * 7919) % len(source)] for i in range(m)]):8.0f} examples/s")
+    r = rate(m, lambda: [source[(i * 7919) % len(source)] for i in range(m)])
+    print(f"reading (Grain source) {r:8.0f} examples/s")
   finally:
     shutil.rmtree(tmp)
 

@@ -116,14 +116,14 @@ def shout_all(texts):
 def test_paraphraser_hook_rewrites_text_and_keeps_structure():
   present, absent = ("red circle",), ("blue star", "green ring")
   plain = captions.annotate(present, absent, captions.caption_rng(0, 0, 1))
-  fn = captions.load_paraphraser("tests.test_data_captions:shout")
+  fn = captions.load_paraphraser("test_data_captions:shout")
   loud = captions.annotate(present, absent, captions.caption_rng(0, 0, 1), paraphraser=fn)
   for p, q in zip(plain.negcap + plain.mcq, loud.negcap + loud.mcq):
     assert q.text == p.text.upper() and (q.affirmed, q.negated) == (p.affirmed, p.negated)
-  batched = captions.annotate(present, absent, captions.caption_rng(0, 0, 1),
-                              paraphraser=captions.load_paraphraser("tests.test_data_captions.shout_all"),
+  fn = captions.load_paraphraser("test_data_captions.shout_all")  # dotted form
+  batched = captions.annotate(present, absent, captions.caption_rng(0, 0, 1), paraphraser=fn,
                               paraphraser_batched=True)
   assert all(c.text.endswith("!") for c in batched.affirmative + batched.mcq)
   assert batched.answer == plain.answer
   with pytest.raises(ValueError, match="cannot import paraphraser"):
-    captions.load_paraphraser("tests.test_data_captions:nope")
+    captions.load_paraphraser("test_data_captions:nope")

@@ -13,13 +13,14 @@ from PIL import Image
 from negjax.data import annotations
 from negjax.data import make
 from negjax.data import records
-from tests.test_data_annotations import write_coco
+from test_data_annotations import write_coco  # pytest puts tests/ on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def data_config(name, **overrides):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs/data", f"{name}.py"))
+  path = os.path.join(ROOT, "configs/data", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
@@ -178,7 +179,8 @@ def test_coco_layout_builds_with_skips_listed(tmp_path):
     assert present and absent and present.isdisjoint(absent) and absent <= vocabulary
   eval_dir = tmp_path / "out" / "eval"
   for row in _rows(eval_dir / "coco_val_mcq.csv"):
-    assert os.path.samefile(eval_dir / row["image_path"], image_dir / os.path.basename(row["image_path"]))
+    original = image_dir / os.path.basename(row["image_path"])
+    assert os.path.samefile(eval_dir / row["image_path"], original)
 
 
 def test_csv_input_builds_and_malformed_csv_errors(tmp_path):
@@ -210,7 +212,7 @@ def test_nothing_to_build_is_an_error(tmp_path):
 
 def test_paraphraser_is_applied_by_import_path(tmp_path):
   config = tiny_shapes(tmp_path, train_size=3, eval_size=3, shards=1,
-                       paraphraser="tests.test_data_captions:shout")
+                       paraphraser="test_data_captions:shout")
   make.build(config)
   for row in _rows(tmp_path / "eval" / "shapes_val_mcq.csv"):
     assert row["caption_0"] == row["caption_0"].upper() and row["caption_0_type"].islower()

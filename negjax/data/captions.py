@@ -221,5 +221,6 @@ def annotate(present, absent, rng, num_affirmative=2, num_negcap=3,
   options, answer = mcq(present, absent, rng)
   if paraphraser is not None:
     caps = paraphrase(aff + neg + options, paraphraser, paraphraser_batched)
-    aff, neg, options = caps[:len(aff)], caps[len(aff):len(aff) + len(neg)], caps[len(aff) + len(neg):]
+    a, n = len(aff), len(neg)
+    aff, neg, options = caps[:a], caps[a:a + n], caps[a + n:]
   return Annotated(present, absent, aff, neg, options, answer)
