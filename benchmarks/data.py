@@ -4,10 +4,12 @@
 
 Measures shapes rendering (images/s), the caption engine (images/s), record encoding,
 shard writing through `records.write_split` with each worker count (examples/s, including
-process start-up), and random-access reading through `records.training_source`.
+process start-up, and CPU-ms per example: with k idle cores, k workers reach about
+k * 1000 / CPU-ms examples/s), and random-access reading through `records.training_source`.
 """
 import argparse
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -22,6 +24,14 @@ def rate(n, fn):
   t = time.perf_counter()
   fn()
   return n / (time.perf_counter() - t)
+
+
+def cpu_seconds():
+  """CPU time of this process and its finished children: a rate that other users of a
+  shared machine do not distort (wall-clock scaling needs idle cores)."""
+  own, children = (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
+                                                   resource.RUSAGE_CHILDREN))
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main():
@@ -59,10 +69,12 @@ def main():
   try:
     for w in (int(x) for x in args.workers.split(",")):
       out = os.path.join(tmp, f"w{w}")
+      cpu0 = cpu_seconds()
       r = rate(args.records, lambda: records.write_split(
           examples, args.records, out, "shapes", "train", args.shards, w, progress=False))
-      print(f"shard writing, {w} worker{'s' if w > 1 else ' '}  {r:7.0f} examples/s "
-            f"({args.records} records, {args.shards} shards)")
+      cpu = (cpu_seconds() - cpu0) / args.records * 1e3
+      print(f"shard writing, {w} worker{'s' if w > 1 else ' '}  {r:7.0f} examples/s, "
+            f"{cpu:.2f} CPU-ms/example ({args.records} records, {args.shards} shards)")
     source = records.training_source(out)
     m = min(len(source), 2000)
     r = rate(m, lambda: [source[(i * 7919) % len(source)] for i in range(m)])

@@ -218,3 +218,13 @@ def test_paraphraser_is_applied_by_import_path(tmp_path):
     assert row["caption_0"] == row["caption_0"].upper() and row["caption_0_type"].islower()
   ex = records.training_source(tmp_path / "train")[0]
   assert all(c.isupper() for c in ex["negcap"]) and ex["present"].islower()
+
+
+def test_rebuild_with_fewer_shards_replaces_the_old_ones(tmp_path):
+  make.build(tiny_shapes(tmp_path, train_size=6, eval_size=2, shards=3))
+  make.build(tiny_shapes(tmp_path, train_size=4, eval_size=2, shards=2))
+  assert len(records.training_source(tmp_path / "train")) == 4
+  stray = tmp_path / "train" / "shapes-train.array_record-00000-of-00009"
+  stray.write_bytes(b"")
+  with pytest.raises(ValueError, match="several builds mixed"):
+    records.training_source(tmp_path / "train")

@@ -137,6 +137,8 @@ def write_split(make_example, num_items, out_dir, name, split, num_shards, worke
   results in shard order.
   """
   os.makedirs(out_dir, exist_ok=True)
+  for stale in glob.glob(os.path.join(out_dir, f"{name}-{split}.{FORMAT}-*")):
+    os.remove(stale)  # a previous build with another shard count would mix in
   num_shards = max(1, min(num_shards, num_items))
   task = functools.partial(_write_shard, make_example, out_dir, name, split, num_items,
                            num_shards)
@@ -209,4 +211,7 @@ def training_source(path_or_dir, split="train"):
     paths = sorted(glob.glob(path))
   if not paths:
     raise FileNotFoundError(f"no {split!r} {FORMAT} shards at {path}")
+  counts = {p.rsplit("-of-", 1)[-1] for p in paths}
+  if len(counts) > 1:
+    raise ValueError(f"{path}: shards of several builds mixed (-of-{sorted(counts)})")
   return ParsedSource(paths)
