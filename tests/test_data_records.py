@@ -193,7 +193,7 @@ def test_csv_input_builds_and_malformed_csv_errors(tmp_path):
                        image_size=16, shards=1, workers=1)
   summary = make.build(config)
   assert summary["train"]["records"] == 2 and "eval" not in summary
-  assert summary["skipped"] == [{"key": f"{tmp_path / 'train.csv'}: row 4",
+  assert summary["skipped"] == [{"key": f"train {tmp_path / 'train.csv'}: row 4",
                                  "reason": "no positive objects"}]
   ex = records.training_source(tmp_path / "out" / "train")[0]
   assert ex["absent"].split(";")[0] == "cat"  # given absent objects come first

@@ -149,6 +149,7 @@ def read_csv(csv_path, image_root=None, check_images=True):
 def load_image(path, size):
   """RGB uint8 (size, size, 3): shorter side resized to `size`, then centre-cropped."""
   with Image.open(path) as im:
+    im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that still covers size
     im = im.convert("RGB")
     w, h = im.size
     scale = size / min(w, h)

@@ -162,7 +162,7 @@ def sources(config):
       out.append(None)
       continue
     ann = read(path)
-    skipped += [(f"{path}: {k}", reason) for k, reason in ann.skipped]
+    skipped += [(f"{split} {path}: {k}", reason) for k, reason in ann.skipped]
     size = config.get(f"{split}_size")
     out.append(FileItems(ann, len(ann.items) if size < 0 else min(size, len(ann.items))))
   return out[0], out[1], skipped
