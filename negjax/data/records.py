@@ -35,7 +35,6 @@ import numpy as np
 
 FORMAT = "array_record"
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random access for Grain
-STRING_FIELDS = ("key",)
 STRING_LISTS = ("affirmative", "negcap", "negcap_negated", "mcq_options", "mcq_types",
                 "present", "absent")
 JOINED = ("present", "absent")
