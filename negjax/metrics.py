@@ -28,10 +28,18 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # --------------------------------------------------------------------------- MCQ
 
 
+@jax.jit
 def mcq_logits(image_features, option_features):
-  """Cosine score of each option against its own image: [B, D], [B, O, D] -> [B, O]."""
-  return jnp.einsum("bd,bod->bo", l2_normalize(image_features), l2_normalize(option_features),
-                    precision=_HIGHEST)
+  """Cosine score of each option against its own image: [B, D], [B, O, D] -> [B, O].
+
+  Written as a multiply-and-sum (not a batched matmul of 1-row matrices), so XLA fuses
+  normalisation and scoring into one pass over the option features.
+  """
+  image = l2_normalize(image_features)
+  options = option_features.astype(jnp.float32)
+  dots = (options * image[:, None, :]).sum(-1)
+  norms = jnp.sqrt((options * options).sum(-1))
+  return dots / jnp.maximum(norms, 1e-12)
 
 
 @jax.jit
@@ -80,59 +88,65 @@ def mcq_summary(counts, binary=False):
 # --------------------------------------------------------------------- retrieval
 
 
-def _pad_rows(x, multiple):
-  pad = -x.shape[0] % multiple
-  return jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)), pad
+@jax.jit
+def _scores(text, image):
+  """One block of cosine scores. Both passes below call this same executable on
+  same-shaped blocks, so a score is bit-identical wherever it is computed (inlining the
+  dot into a larger jitted loop let XLA round pass 1 and pass 2 differently)."""
+  return jnp.dot(text, image.T, precision=_HIGHEST)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk",))
-def _retrieval_ranks(text, image, text_to_image, chunk):
-  """Per-text rank (text->image) and per-image rank of its best caption (image->text).
+@jax.jit
+def _positives(scores, owner, start):
+  return jnp.take_along_axis(scores, jnp.clip(owner - start, 0, scores.shape[1] - 1)[:, None],
+                             axis=1)[:, 0]
 
-  Texts must be grouped by image (`text_to_image` non-decreasing) and every image must
-  have at least one caption; then the positives of a chunk of `chunk` texts lie in the
-  `chunk` images starting at the chunk's first image, so pass 1 scores that window only.
-  Pass 2 scores each text chunk against all images and counts, from the same scores,
-  both directions. Both passes use the same matmul, so a positive compares bit-exactly
-  with its ties.
+
+@functools.partial(jax.jit, donate_argnums=(5,))
+def _count(scores, positive, best, valid, image_valid, image_rank):
+  """Both directions from one block of scores: per text, (real) images strictly above its
+  positive; per image, (real) texts strictly above its best caption."""
+  above = (scores > positive[:, None]) & image_valid[None, :]
+  text_rank = above.sum(1, dtype=jnp.int32)
+  image_rank = image_rank + ((scores > best[None, :]) & valid[:, None]).sum(0, dtype=jnp.int32)
+  return text_rank, image_rank
+
+
+def _ranks_sorted(text, image, owner, chunk):
+  """Ranks for texts grouped by image (`owner` non-decreasing, every image captioned).
+
+  Pass 1 finds each text's positive score: the positives of a chunk of `chunk` texts lie
+  among the `chunk` images starting at the chunk's first owner, so only that window is
+  scored. Pass 2 scores each text chunk against all images and counts both directions.
   """
   n_text, n_image = text.shape[0], image.shape[0]
-  text = l2_normalize(text)
-  image = l2_normalize(image)
-  text, _ = _pad_rows(text, chunk)
-  owner, _ = _pad_rows(text_to_image, chunk)
+  text = jnp.pad(text, ((0, -n_text % chunk), (0, 0)))
+  # Images padded to whole blocks of 64 so no score comes from a kernel's remainder path.
+  image = jnp.pad(image, ((0, -n_image % 64), (0, 0)))
+  image_valid = jnp.arange(image.shape[0]) < n_image
+  window_images = jnp.pad(image, ((0, chunk), (0, 0)))
+  owner_padded = np.pad(owner, (0, -n_text % chunk))
+  positives = []
+  for a in range(0, text.shape[0], chunk):
+    start = int(owner_padded[a])
+    window = window_images[start:start + chunk]
+    positives.append(_positives(_scores(text[a:a + chunk], window),
+                                jnp.asarray(owner_padded[a:a + chunk]), start))
+  positive = jnp.concatenate(positives)
   valid = jnp.arange(text.shape[0]) < n_text
-  image_padded, _ = _pad_rows(image, chunk)  # so every window is in bounds
-  text_chunks = text.reshape(-1, chunk, text.shape[1])
-  owner_chunks = owner.reshape(-1, chunk)
-  valid_chunks = valid.reshape(-1, chunk)
-
-  # Pass 1: each text's positive score.
-  def positive(args):
-    t, o = args
-    start = jnp.minimum(o[0], image_padded.shape[0] - chunk)
-    window = jax.lax.dynamic_slice_in_dim(image_padded, start, chunk)
-    s = jnp.dot(t, window.T, precision=_HIGHEST)
-    return jnp.take_along_axis(s, jnp.clip(o - start, 0, chunk - 1)[:, None], axis=1)[:, 0]
-
-  pos = jax.lax.map(positive, (text_chunks, owner_chunks))  # [chunks, chunk]
-  best = jax.ops.segment_max(jnp.where(valid_chunks, pos, -jnp.inf).reshape(-1),
-                             owner, num_segments=n_image)  # [images]
-
-  # Pass 2: count candidates strictly above the positive, both directions.
-  def count(image_rank, args):
-    t, p, v = args
-    s = jnp.dot(t, image.T, precision=_HIGHEST)  # [chunk, images]
-    text_rank = (s > p[:, None]).sum(1, dtype=jnp.int32)
-    image_rank = image_rank + ((s > best[None, :]) & v[:, None]).sum(0, dtype=jnp.int32)
-    return image_rank, text_rank
-
-  image_rank, text_rank = jax.lax.scan(
-      count, jnp.zeros(n_image, jnp.int32), (text_chunks, pos, valid_chunks))
-  return text_rank.reshape(-1)[:n_text], image_rank
+  best = jax.ops.segment_max(jnp.where(valid, positive, -jnp.inf), jnp.asarray(owner_padded),
+                             num_segments=image.shape[0])
+  image_rank = jnp.zeros(image.shape[0], jnp.int32)
+  text_rank = []
+  for a in range(0, text.shape[0], chunk):
+    ranks, image_rank = _count(_scores(text[a:a + chunk], image), positive[a:a + chunk], best,
+                               valid[a:a + chunk], image_valid, image_rank)
+    text_rank.append(ranks)
+  return (np.concatenate([np.asarray(r) for r in text_rank])[:n_text],
+          np.asarray(image_rank)[:n_image])
 
 
-def retrieval_ranks(text_features, image_features, text_to_image, max_scores=1 << 21):
+def retrieval_ranks(text_features, image_features, text_to_image, max_scores=1 << 20):
   """Exact ranks (see the module docstring) without materialising the score matrix.
 
   Args:
@@ -153,11 +167,11 @@ def retrieval_ranks(text_features, image_features, text_to_image, max_scores=1 <
       text_to_image.min(initial=0) < 0 or text_to_image.max(initial=0) >= n_image:
     raise ValueError("every image needs at least one caption and every caption an image")
   order = np.argsort(text_to_image, kind="stable")
-  chunk = int(max(8, min(max_scores // max(n_image, 1), 4096)) // 8 * 8)
-  chunk = min(chunk, -(-len(order) // 8) * 8)
-  text_rank, image_rank = _retrieval_ranks(
-      jnp.asarray(text_features)[order], jnp.asarray(image_features),
-      jnp.asarray(text_to_image[order]), chunk=chunk)
+  chunk = max(64, min(max_scores // max(n_image, 1), 4096) // 64 * 64)
+  chunk = min(chunk, -(-len(order) // 64) * 64)
+  text_rank, image_rank = _ranks_sorted(
+      l2_normalize(jnp.asarray(text_features)[order]), l2_normalize(jnp.asarray(image_features)),
+      text_to_image[order], chunk)
   out = np.empty(len(order), np.int64)
   out[order] = np.asarray(text_rank)
   return out, np.asarray(image_rank).astype(np.int64)

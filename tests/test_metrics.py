@@ -132,3 +132,16 @@ def test_mcq_counts_over_uneven_padded_batches():
   assert summary["total_accuracy"] == pytest.approx(correct.sum() / n)
   assert summary["negative_accuracy"] == pytest.approx(correct[1] / total[1])
   assert metrics.mcq_summary(summed, binary=True)["accuracy"] == summary["total_accuracy"]
+
+
+def test_retrieval_ranks_full_width_features():
+  """512-d features with captions close to their images: any rounding mismatch between
+  the positive's score and its own column would push it to rank 1."""
+  rng = np.random.default_rng(4)
+  image = _normalise(rng.standard_normal((300, 512))).astype(np.float32)
+  owner = np.repeat(np.arange(300), 5)
+  text = (image[owner] + 0.05 * rng.standard_normal((1500, 512))).astype(np.float32)
+  text_rank, image_rank = metrics.retrieval_ranks(text, image, owner, max_scores=300 * 200)
+  want_text, want_image = _numpy_ranks(text, image, owner)
+  np.testing.assert_array_equal(text_rank, want_text)
+  np.testing.assert_array_equal(image_rank, want_image)
