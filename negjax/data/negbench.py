@@ -1,0 +1,208 @@
+"""Readers for the official NegBench CSV files, and video frame sampling.
+
+The task is inferred from the header: `captions` + a path column -> retrieval;
+`caption_0..caption_{k}` + `correct_answer` + `correct_answer_template` -> MCQ;
+the same without a template column -> binary MCQ (CheXpert). A path with a video
+extension makes it the video variant. Every malformed row stops reading with an error
+naming the file and line, because a silently dropped question changes the metric.
+"""
+import ast
+import csv
+import dataclasses
+import os
+
+import numpy as np
+
+from negjax import metrics
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
+PATH_COLUMNS = ("image_path", "filepath", "video_path", "video", "path")
+FRAMES_PER_VIDEO = 4
+
+
+class NegBenchFormatError(ValueError):
+  """A CSV that is not a well-formed NegBench file."""
+
+
+@dataclasses.dataclass
+class McqSet:
+  kind: str  # "mcq", "video_mcq" or "binary_mcq"
+  file: str
+  paths: list  # media path per question (resolved)
+  options: list  # list[list[str]], [questions][options]
+  answer: np.ndarray  # int32 [N]
+  question_type: np.ndarray  # int32 [N], ids into metrics.TYPE_NAMES
+  option_types: np.ndarray  # int32 [N, O]; metrics.UNKNOWN where the file does not say
+  lines: list  # CSV line of each question, for messages
+
+
+@dataclasses.dataclass
+class RetrievalSet:
+  kind: str  # "retrieval" or "video_retrieval"
+  file: str
+  paths: list  # media path per item (resolved)
+  captions: list  # list[list[str]], several per item
+  lines: list
+
+
+def is_video(path):
+  return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
+
+
+def detect_kind(header):
+  """'mcq', 'binary_mcq', 'retrieval' or None (not a NegBench file) from the columns;
+  the video variants are decided later from the paths."""
+  columns = set(header)
+  if "captions" in columns and any(c in columns for c in PATH_COLUMNS):
+    return "retrieval"
+  if {"image_path", "caption_0", "caption_1", "correct_answer"} <= columns:
+    return "mcq" if "correct_answer_template" in columns else "binary_mcq"
+  return None
+
+
+def _header(path):
+  with open(path, newline="", encoding="utf-8") as f:
+    return next(csv.reader(f), None)
+
+
+def find_files(data_root):
+  """Every CSV under `data_root` whose header makes it a NegBench file, sorted."""
+  found = []
+  for folder, _, names in os.walk(data_root):
+    for name in names:
+      if name.lower().endswith(".csv"):
+        path = os.path.join(folder, name)
+        try:
+          if detect_kind(_header(path) or []):
+            found.append(path)
+        except (OSError, UnicodeDecodeError, csv.Error):
+          continue
+  return sorted(found)
+
+
+def _resolve(path, root):
+  path = os.path.expanduser(path.strip())
+  return path if os.path.isabs(path) else os.path.normpath(os.path.join(root, path))
+
+
+def _parse_captions(cell, where):
+  """A Python list literal of strings, parsed as a literal: never evaluated."""
+  try:
+    value = ast.literal_eval(cell)
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+    raise NegBenchFormatError(f"{where}: captions cell is not a Python list literal "
+                              f"({type(e).__name__}): {cell[:80]!r}") from None
+  if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+    raise NegBenchFormatError(f"{where}: captions must be a non-empty list of strings, "
+                              f"got {cell[:80]!r}")
+  return value
+
+
+def _template_id(value, where, column):
+  value = value.strip()
+  if value not in metrics.TEMPLATES:
+    raise NegBenchFormatError(f"{where}: unknown template {value!r} in {column} "
+                              f"(expected one of {', '.join(metrics.TEMPLATES)})")
+  return metrics.TEMPLATES.index(value)
+
+
+def read(file, data_root=None):
+  """Reads one NegBench CSV. Relative media paths are joined to `data_root` (default: the
+  CSV's own folder). Returns a McqSet or RetrievalSet."""
+  root = data_root if data_root is not None else os.path.dirname(os.path.abspath(file))
+  try:
+    f = open(file, newline="", encoding="utf-8")
+  except OSError as e:
+    raise NegBenchFormatError(f"{file}: cannot read: {e}") from e
+  with f:
+    reader = csv.reader(f)
+    try:
+      header = next(reader, None)
+      if not header:
+        raise NegBenchFormatError(f"{file}: empty file (no header row)")
+      kind = detect_kind(header)
+      if kind is None:
+        raise NegBenchFormatError(f"{file}: columns {header} are not a NegBench MCQ or "
+                                  "retrieval file")
+      rows = []
+      for row in reader:
+        if not row:  # a blank line
+          continue
+        where = f"{file}:{reader.line_num}"
+        if len(row) != len(header):
+          raise NegBenchFormatError(f"{where}: {len(row)} columns, header has {len(header)}")
+        rows.append((where, reader.line_num, dict(zip(header, row))))
+    except csv.Error as e:
+      raise NegBenchFormatError(f"{file}:{reader.line_num}: malformed CSV: {e}") from e
+  if not rows:
+    raise NegBenchFormatError(f"{file}: empty file (a header but no rows)")
+  if kind == "retrieval":
+    return _retrieval(file, header, rows, root)
+  return _mcq(file, header, rows, root, kind)
+
+
+def _retrieval(file, header, rows, root):
+  column = next(c for c in PATH_COLUMNS if c in header)
+  paths = [_resolve(r[column], root) for _, _, r in rows]
+  captions = [_parse_captions(r["captions"], where) for where, _, r in rows]
+  kind = "video_retrieval" if any(is_video(p) for p in paths) else "retrieval"
+  return RetrievalSet(kind, file, paths, captions, [line for _, line, _ in rows])
+
+
+def _mcq(file, header, rows, root, kind):
+  n_options = 0
+  while f"caption_{n_options}" in header:
+    n_options += 1
+  typed = all(f"caption_{i}_type" in header for i in range(n_options))
+  paths, options, answer, qtype, otypes = [], [], [], [], []
+  for where, _, r in rows:
+    try:
+      a = int(r["correct_answer"])
+    except ValueError:
+      raise NegBenchFormatError(f"{where}: correct_answer {r['correct_answer']!r} is not an "
+                                "integer") from None
+    if not 0 <= a < n_options:
+      raise NegBenchFormatError(f"{where}: correct_answer {a} out of range for {n_options} "
+                                "options")
+    paths.append(_resolve(r["image_path"], root))
+    options.append([r[f"caption_{i}"] for i in range(n_options)])
+    answer.append(a)
+    if kind == "mcq":
+      qtype.append(_template_id(r["correct_answer_template"], where, "correct_answer_template"))
+    else:
+      qtype.append(metrics.UNKNOWN)
+    if typed:
+      otypes.append([_template_id(r[f"caption_{i}_type"], where, f"caption_{i}_type")
+                     for i in range(n_options)])
+    else:  # official files: option types are not recorded; reported as unknown
+      otypes.append([metrics.UNKNOWN] * n_options)
+  if kind == "mcq" and any(is_video(p) for p in paths):
+    kind = "video_mcq"
+  return McqSet(kind, file, paths, options, np.asarray(answer, np.int32),
+                np.asarray(qtype, np.int32), np.asarray(otypes, np.int32).reshape(-1, n_options),
+                [line for _, line, _ in rows])
+
+
+def video_frames(path, num_frames=FRAMES_PER_VIDEO):
+  """`num_frames` RGB uint8 frames sampled uniformly over the clip (first to last), PyAV."""
+  import av
+  with av.open(path) as container:
+    stream = container.streams.video[0]
+    total = stream.frames
+    if not total:  # the container does not say: count by decoding
+      total = sum(1 for _ in container.decode(stream))
+      container.seek(0)
+    if total < 1:
+      raise ValueError(f"{path}: video has no frames")
+    wanted = np.linspace(0, total - 1, num_frames).round().astype(int)
+    frames = {}
+    for i, frame in enumerate(container.decode(stream)):
+      if i in wanted:
+        frames[i] = frame.to_ndarray(format="rgb24")
+      if i >= wanted[-1]:
+        break
+  if not frames:
+    raise ValueError(f"{path}: no frame could be decoded")
+  # Metadata may overstate the frame count: fall back to the last frame decoded.
+  fallback = frames[max(frames)]
+  return [frames.get(i, fallback) for i in wanted]
