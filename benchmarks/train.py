@@ -1,0 +1,158 @@
+"""Training samples/s of negjax against open_clip (PyTorch) on the same step, and MFU.
+
+  python benchmarks/train.py --arch negjax-tiny --batch 64
+  python benchmarks/train.py --arch ViT-B-32 --batch 32
+  python benchmarks/train.py --arch ViT-B-16 --batch 256 --dtype bfloat16 --no-torch  # GPU
+
+The step is NegCLIP's: per image one caption and 4 MCQ options, contrastive + MCQ loss,
+backward, AdamW. Both sides start from the same weights and see the same batch. MFU uses
+the analytic FLOP count of `negjax.flops` against the peak measured in this run (a large
+float32 matmul) or `--peak-tflops`.
+"""
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from negjax import flops, sharding, train_step
+from negjax.models import checkpoints, clip
+
+OPTIONS = 4
+
+
+def make_batch(config, batch, text_length, seed=0):
+  rng = np.random.default_rng(seed)
+  out = {
+      "image": rng.integers(0, 256, (batch, config.image_size, config.image_size, 3), np.uint8),
+      "caption_ids": rng.integers(1, 49406, (batch, text_length)).astype(np.int32),
+      "mcq_ids": rng.integers(1, 49406, (batch, OPTIONS, text_length)).astype(np.int32),
+      "mcq_answer": rng.integers(0, OPTIONS, (batch,)).astype(np.int32),
+  }
+  out["caption_ids"][:, -1] = 49407
+  out["mcq_ids"][:, :, -1] = 49407
+  return out
+
+
+def measured_peak_flops(n=2048, iters=10):
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(iters):
+    f(a).block_until_ready()
+  return 2 * n ** 3 * iters / (time.perf_counter() - start)
+
+
+def bench_negjax(sd, config, batch, steps, optim, loss_cfg):
+  model = checkpoints.from_state_dict(sd, config)
+  graphdef, params = nnx.split(model, nnx.Param)
+  mesh = sharding.make_mesh()
+  tx, schedule = train_step.make_optimizer(optim, steps + 10)
+  state, shardings = train_step.init_state(params, tx, mesh)
+  step = train_step.make_train_step(graphdef, tx, schedule, loss_cfg, mesh, shardings)
+  gbatch = sharding.global_batch(batch, mesh)
+  for _ in range(2):  # compile + warm up
+    state, m = step(state, gbatch)
+  jax.block_until_ready(m)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, m = step(state, gbatch)
+  jax.block_until_ready(m)
+  return (time.perf_counter() - start) / steps, float(m["loss"])
+
+
+def bench_open_clip(sd, config, batch, steps, optim, loss_cfg):
+  import torch
+  import torch.nn.functional as F
+  from negjax.reference import open_clip
+  model = open_clip().CLIP(**clip.open_clip_config(config))
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+  model.train()
+  decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "ln" not in n]
+  no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "ln" not in n)]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=optim.lr, betas=(optim.b1, optim.b2), eps=optim.eps)
+  mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+  std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+  images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous()
+  captions = torch.from_numpy(batch["caption_ids"]).long()
+  options = torch.from_numpy(batch["mcq_ids"]).long()
+  answer = torch.from_numpy(batch["mcq_answer"]).long()
+  b = images.shape[0]
+
+  def one_step():
+    x = (images.float() / 255 - mean) / std
+    img = F.normalize(model.encode_image(x), dim=-1)
+    texts = F.normalize(model.encode_text(torch.cat([captions, options.flatten(0, 1)])), dim=-1)
+    cap, opts = texts[:b], texts[b:].view(b, OPTIONS, -1)
+    scale = model.logit_scale.exp()
+    logits = scale * img @ cap.T
+    labels = torch.arange(b)
+    contrastive = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    mcq = F.cross_entropy(scale * torch.einsum("bd,bod->bo", img, opts), answer)
+    loss = loss_cfg.contrastive_weight * contrastive + loss_cfg.mcq_weight * mcq
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+    opt.step()
+    with torch.no_grad():
+      model.logit_scale.clamp_(0, np.log(100))
+    return float(loss)
+
+  for _ in range(2):
+    one_step()
+  start = time.perf_counter()
+  for _ in range(steps):
+    loss = one_step()
+  return (time.perf_counter() - start) / steps, loss
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--arch", default="negjax-tiny")
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--text-length", type=int, default=77)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--peak-tflops", type=float, default=None,
+                      help="device peak for MFU (default: measured float32 matmul)")
+  parser.add_argument("--no-torch", action="store_true", help="negjax only (e.g. on a GPU)")
+  args = parser.parse_args()
+
+  config = clip.get_config(args.arch)
+  sd = checkpoints.state_dict(clip.create(config, seed=0))
+  optim = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=1, end_ratio=0.1,
+                                         weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6,
+                                         grad_clip=1.0))
+  loss_cfg = ml_collections.ConfigDict(dict(contrastive_weight=0.99, mcq_weight=0.01))
+  batch = make_batch(config, args.batch, args.text_length)
+  jax_t, jax_loss = bench_negjax(sd, config.replace(dtype=jnp.dtype(args.dtype)), batch,
+                                 args.steps, optim, loss_cfg)
+  peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak_flops()
+  per_image = flops.train_flops_per_image(config, args.text_length, 1 + OPTIONS)
+  print(f"{args.arch}, global batch {args.batch}, text length {args.text_length}, "
+        f"{1 + OPTIONS} texts per image, negjax {args.dtype} on {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s)")
+  print(f"analytic {per_image / 1e9:.2f} GFLOP per sample; peak used for MFU "
+        f"{peak / 1e12:.3f} TFLOP/s ({'given' if args.peak_tflops else 'measured f32 matmul'})")
+  jax_rate = args.batch / jax_t
+  print(f"negjax     {jax_rate:9.2f} samples/s  step {jax_t * 1e3:8.1f} ms  "
+        f"MFU {jax_rate * per_image / peak:6.1%}  loss {jax_loss:.4f}")
+  if not args.no_torch:
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    torch_t, torch_loss = bench_open_clip(sd, config, batch, args.steps, optim, loss_cfg)
+    torch_rate = args.batch / torch_t
+    print(f"open_clip  {torch_rate:9.2f} samples/s  step {torch_t * 1e3:8.1f} ms  "
+          f"MFU {torch_rate * per_image / peak:6.1%}  loss {torch_loss:.4f}")
+    print(f"ratio negjax / open_clip: {jax_rate / torch_rate:.2f}x")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,84 @@
+"""Training input: Grain over the data engine's ArrayRecord shards.
+
+shuffle (a new order each epoch) -> repeat -> this process's slice -> per-example caption
+choice and tokenization (seeded by index, so a restored iterator replays exactly) ->
+batch -> optional worker processes. The iterator's state goes into every checkpoint.
+"""
+import dataclasses
+import glob
+import os
+
+import grain
+import jax
+import numpy as np
+from PIL import Image
+
+from negjax.data import records
+from negjax.tokenizer import tokenize
+
+CACHE_DIR = os.path.expanduser(os.environ.get("NEGJAX_CACHE", "~/.cache/negjax"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingData:
+  train_dir: str  # ArrayRecord shards
+  eval_root: str  # NegBench-format CSVs (and their images)
+  eval_files: tuple  # the CSVs under eval_root
+
+
+def prepare(data_config, seed: int) -> TrainingData:
+  """The configured data folder, or the shapes world (`data_config.shapes`, a data-engine
+  config) built once into the cache."""
+  directory = data_config.dir
+  if directory is None:
+    shapes = data_config.shapes
+    directory = os.path.join(CACHE_DIR, f"shapes-{shapes.train_size}-{shapes.eval_size}"
+                             f"-{shapes.image_size}px-seed{shapes.seed}")
+    if not os.path.exists(os.path.join(directory, "summary.json")):
+      from negjax.data import make
+      print(f"building the shapes world into {directory} (once)")
+      shapes = shapes.copy_and_resolve_references()
+      shapes.out = directory
+      make.print_summary(make.build(shapes))
+  eval_root = os.path.join(directory, "eval")
+  return TrainingData(os.path.join(directory, "train"), eval_root,
+                      tuple(sorted(glob.glob(os.path.join(eval_root, "*.csv")))))
+
+
+class TrainingExample(grain.transforms.RandomMap):
+  """One record -> image, one caption drawn from the configured pools, tokenized MCQ."""
+
+  def __init__(self, pools, text_length, image_size):
+    self.pools = tuple(pools)
+    self.text_length = text_length
+    self.image_size = image_size
+
+  def random_map(self, example, rng: np.random.Generator):
+    captions = [c for pool in self.pools for c in example[pool]]
+    caption = captions[rng.integers(len(captions))]
+    image = example["image"]
+    if image.shape[:2] != (self.image_size, self.image_size):
+      image = np.asarray(Image.fromarray(image).resize(
+          (self.image_size, self.image_size), Image.BICUBIC))
+    options = list(example["mcq_options"])
+    return {
+        "image": image,
+        "caption_ids": tokenize([caption], self.text_length)[0],
+        "mcq_ids": tokenize(options, self.text_length),
+        "mcq_answer": np.int32(example["mcq_answer"]),
+    }
+
+
+def make_iterator(train_dir, data_config, global_batch_size, seed, image_size):
+  """A checkpointable iterator of this process's share of each global batch."""
+  source = records.training_source(train_dir)
+  n_proc = jax.process_count()
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+  ds = ds[jax.process_index()::n_proc]
+  ds = ds.random_map(TrainingExample(data_config.captions, data_config.text_length,
+                                     image_size), seed=seed)
+  ds = ds.batch(global_batch_size // n_proc, drop_remainder=True)
+  it = ds.to_iter_dataset()
+  if data_config.workers:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.workers))
+  return iter(it)

@@ -1,0 +1,100 @@
+"""The pure training step: loss, gradients, AdamW update, temperature clamp.
+
+`make_train_step` returns one `jax.jit`-ed function of (state, batch) with explicit
+shardings and the state donated, so parameters and optimizer state are updated in place.
+State is a plain dict {step, params, opt_state}; params are the model's nnx.Param state.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from negjax import losses, sharding
+from negjax.preprocess import OPENAI_MEAN, OPENAI_STD
+
+NO_DECAY = ("bias", "scale", "class_embedding", "logit_scale")  # gains, biases, temperature
+
+
+def learning_rate_schedule(lr, warmup_steps, total_steps, end_ratio=0.0):
+  return optax.warmup_cosine_decay_schedule(
+      0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), lr * end_ratio)
+
+
+def make_optimizer(optim, total_steps):
+  """AdamW with warmup + cosine; no weight decay on gains, biases and the temperature."""
+  schedule = learning_rate_schedule(optim.lr, optim.warmup_steps, total_steps, optim.end_ratio)
+
+  def decay_mask(params):
+    def decays(path, _):  # the parameter's name is the last dict key (Variables add .value)
+      name = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)][-1]
+      return name not in NO_DECAY
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+  tx = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                   weight_decay=optim.weight_decay, mask=decay_mask)
+  if optim.get("grad_clip"):
+    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
+  return tx, schedule
+
+
+def normalize_images(images_uint8, dtype=jnp.float32):
+  """uint8 NHWC in [0, 255] -> CLIP input (OpenAI mean/std), on device."""
+  x = images_uint8.astype(jnp.float32) / 255.0
+  return ((x - jnp.asarray(OPENAI_MEAN)) / jnp.asarray(OPENAI_STD)).astype(dtype)
+
+
+def loss_fn(params, graphdef, batch, contrastive_weight, mcq_weight):
+  """Weighted contrastive + MCQ loss. One text-tower call encodes captions and options."""
+  model = nnx.merge(graphdef, params)
+  images = model.encode_image(normalize_images(batch["image"]))
+  captions = batch["caption_ids"]
+  use_mcq = mcq_weight > 0
+  if use_mcq:
+    b, o, length = batch["mcq_ids"].shape
+    texts = model.encode_text(
+        jnp.concatenate([captions, batch["mcq_ids"].reshape(b * o, length)]))
+    caption_features, option_features = texts[:b], texts[b:].reshape(b, o, -1)
+  else:
+    caption_features = model.encode_text(captions)
+  scale = model.temperature()
+  contrastive = losses.contrastive_loss(images, caption_features, scale)
+  mcq = (losses.mcq_loss(images, option_features, batch["mcq_answer"], scale)
+         if use_mcq else jnp.zeros((), jnp.float32))
+  total = contrastive_weight * contrastive + mcq_weight * mcq
+  return total, {"loss": total, "contrastive_loss": contrastive, "mcq_loss": mcq,
+                 "logit_scale": scale}
+
+
+def clamp_logit_scale(params):
+  """exp(logit_scale) stays in [1, 100], as CLIP training does."""
+  params["logit_scale"].set_value(jnp.clip(params["logit_scale"][...], 0.0, math.log(100.0)))
+  return params
+
+
+def init_state(params, tx, mesh):
+  """Training state placed on `mesh` (parameters and optimizer state split per
+  `sharding.tree_shardings`), and those shardings."""
+  param_shardings = sharding.tree_shardings(params, mesh)
+  params = jax.device_put(params, param_shardings)
+  opt_shardings = sharding.tree_shardings(jax.eval_shape(tx.init, params), mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+  shardings = {"step": sharding.replicated(mesh), "params": param_shardings,
+               "opt_state": opt_shardings}
+  return state, shardings
+
+
+def make_train_step(graphdef, tx, schedule, loss_config, mesh, state_shardings):
+  def step(state, batch):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, metrics), grads = grad_fn(state["params"], graphdef, batch,
+                                  loss_config.contrastive_weight, loss_config.mcq_weight)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = clamp_logit_scale(optax.apply_updates(state["params"], updates))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
