@@ -1,0 +1,28 @@
+"""NegBench evaluation of a CLIP checkpoint.
+
+  python -m negjax.evaluate --config configs/negbench.py \
+      --config.checkpoint=ViT-B-32.pt --config.data_root=/data/negbench \
+      --config.workdir=/runs/eval-vitb32 [--config.files=COCO_val_mcq_llama3.1_rephrased.csv,...]
+
+Without `files`, every NegBench CSV under `data_root` is evaluated (recognised by its
+columns); relative media paths in the CSVs are taken from `data_root`. Writes
+WORKDIR/results.json (per file: accuracies or Recall@1/5/10, skipped images, confusion
+table), WORKDIR/results.csv (official names, e.g. coco-negated-image_retrieval_recall@5)
+and WORKDIR/mcq_accuracy.png. For OpenAI ViT-B/32 expect COCO MCQ total accuracy 0.393
+(positive 0.691, negative 0.068, hybrid 0.393) and VOC2007 0.387. On this 2-core CPU a
+ViT-B/32 encodes about 10 images/s, so the 5k-image COCO files take minutes each.
+"""
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.checkpoint = ""  # any file negjax.load_model reads (OpenAI .pt, open_clip, HF, Orbax)
+  c.arch = ""  # e.g. "ViT-B-32-quickgelu" when the file does not record it
+  c.files = ""  # comma-separated CSVs; empty: all NegBench files under data_root
+  c.data_root = ""  # where relative media paths (and relative `files`) start
+  c.workdir = "negbench_eval"
+  c.batch_size = 64
+  c.dtype = "float32"  # compute dtype, e.g. bfloat16 on accelerators
+  c.workers = 0  # Grain worker processes decoding images (0: in the main process)
+  return c
