@@ -145,3 +145,42 @@ def test_malformed_file_stops_with_its_name(bench, tmp_path):
   bad.write_text('filepath,captions\nimages/0.png,"[\'ok\']"\nimages/1.png,"open(\'x\')"\n')
   with pytest.raises(ValueError, match=r"bad_retrieval\.csv:3"):
     evaluate.evaluate_files(model, [str(bad)], str(root), progress=False)
+
+
+def _write_video(path, levels):
+  import av
+  with av.open(str(path), "w") as out:
+    stream = out.add_stream("mpeg4", rate=10)
+    stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+    for level in levels:
+      frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), level, np.uint8), format="rgb24")
+      for packet in stream.encode(frame):
+        out.mux(packet)
+    for packet in stream.encode():
+      out.mux(packet)
+
+
+def test_video_mcq_embeds_mean_of_four_frames(bench, tmp_path):
+  pytest.importorskip("av")
+  from negjax.data import negbench
+  _, model = bench
+  _write_video(tmp_path / "a.mp4", [10 * i for i in range(12)])
+  _write_video(tmp_path / "b.mp4", [200 - 10 * i for i in range(12)])
+  with open(tmp_path / "msr_vtt_mcq.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["image_path"] + [f"caption_{i}" for i in range(4)]
+               + ["correct_answer", "correct_answer_template"])
+    w.writerow(["a.mp4", "red dog", "blue cat", "no dog", "green", 2, "negative"])
+    w.writerow(["b.mp4", "red dog", "blue cat", "no dog", "green", 1, "positive"])
+  results = evaluate.evaluate_files(model, ["msr_vtt_mcq.csv"], str(tmp_path), batch_size=2,
+                                    progress=False)
+  assert results["msr_vtt_mcq"]["kind"] == "video_mcq"
+  assert results["msr_vtt_mcq"]["num_questions"] == 2
+
+  enc = evaluate.Encoders(model)
+  path = str(tmp_path / "a.mp4")
+  feats, ok, _ = evaluate.encode_media(enc, [path], batch_size=2, frames=4)
+  frames = np.stack([preprocess(f, model.config.image_size) for f in negbench.video_frames(path)])
+  want = np.asarray(model.encode_image(frames)).mean(0)
+  assert ok.all()
+  np.testing.assert_allclose(feats[0], want, rtol=1e-4, atol=1e-5)
