@@ -90,9 +90,9 @@ def mcq_summary(counts, binary=False):
 
 @jax.jit
 def _scores(text, image):
-  """One block of cosine scores. Both passes below call this same executable on
-  same-shaped blocks, so a score is bit-identical wherever it is computed (inlining the
-  dot into a larger jitted loop let XLA round pass 1 and pass 2 differently)."""
+  """One block of cosine scores, as a standalone dot. Inlined into a larger jitted loop,
+  XLA rounded the same score differently in the two passes below; standalone dots of
+  different block shapes agree bit for bit (tests/test_metrics.py checks it)."""
   return jnp.dot(text, image.T, precision=_HIGHEST)
 
 
@@ -103,19 +103,22 @@ def _positives(scores, owner, start):
 
 
 @functools.partial(jax.jit, donate_argnums=(5,))
-def _count(scores, positive, best, valid, image_valid, image_rank):
+def _count(scores, owner, best, valid, image_valid, image_rank):
   """Both directions from one block of scores: per text, (real) images strictly above its
-  positive; per image, (real) texts strictly above its best caption."""
-  above = (scores > positive[:, None]) & image_valid[None, :]
-  text_rank = above.sum(1, dtype=jnp.int32)
-  image_rank = image_rank + ((scores > best[None, :]) & valid[:, None]).sum(0, dtype=jnp.int32)
-  return text_rank, image_rank
+  own image's score (read from this very block); per image, (real) texts of other images
+  strictly above its best caption (its own captions cannot be, so they are not compared:
+  a rounding difference from pass 1 could otherwise count the best caption itself)."""
+  positive = jnp.take_along_axis(scores, owner[:, None], axis=1)
+  text_rank = ((scores > positive) & image_valid[None, :]).sum(1, dtype=jnp.int32)
+  others = owner[:, None] != jnp.arange(scores.shape[1])[None, :]
+  above = (scores > best[None, :]) & valid[:, None] & others
+  return text_rank, image_rank + above.sum(0, dtype=jnp.int32)
 
 
 def _ranks_sorted(text, image, owner, chunk):
   """Ranks for texts grouped by image (`owner` non-decreasing, every image captioned).
 
-  Pass 1 finds each text's positive score: the positives of a chunk of `chunk` texts lie
+  Pass 1 finds each image's best caption score: the positives of a chunk of `chunk` texts lie
   among the `chunk` images starting at the chunk's first owner, so only that window is
   scored. Pass 2 scores each text chunk against all images and counts both directions.
   """
@@ -134,12 +137,13 @@ def _ranks_sorted(text, image, owner, chunk):
                                 jnp.asarray(owner_padded[a:a + chunk]), start))
   positive = jnp.concatenate(positives)
   valid = jnp.arange(text.shape[0]) < n_text
-  best = jax.ops.segment_max(jnp.where(valid, positive, -jnp.inf), jnp.asarray(owner_padded),
+  owner_jax = jnp.asarray(owner_padded)
+  best = jax.ops.segment_max(jnp.where(valid, positive, -jnp.inf), owner_jax,
                              num_segments=image.shape[0])
   image_rank = jnp.zeros(image.shape[0], jnp.int32)
   text_rank = []
   for a in range(0, text.shape[0], chunk):
-    ranks, image_rank = _count(_scores(text[a:a + chunk], image), positive[a:a + chunk], best,
+    ranks, image_rank = _count(_scores(text[a:a + chunk], image), owner_jax[a:a + chunk], best,
                                valid[a:a + chunk], image_valid, image_rank)
     text_rank.append(ranks)
   return (np.concatenate([np.asarray(r) for r in text_rank])[:n_text],
@@ -163,8 +167,8 @@ def retrieval_ranks(text_features, image_features, text_to_image, max_scores=1 <
   n_image = image_features.shape[0]
   if text_to_image.ndim != 1 or text_to_image.shape[0] != text_features.shape[0]:
     raise ValueError("text_to_image needs one image index per caption")
-  if np.any(np.bincount(text_to_image, minlength=n_image)[:n_image] == 0) or \
-      text_to_image.min(initial=0) < 0 or text_to_image.max(initial=0) >= n_image:
+  if (text_to_image.min(initial=0) < 0 or text_to_image.max(initial=0) >= n_image
+      or np.any(np.bincount(text_to_image, minlength=n_image) == 0)):
     raise ValueError("every image needs at least one caption and every caption an image")
   order = np.argsort(text_to_image, kind="stable")
   chunk = max(64, min(max_scores // max(n_image, 1), 4096) // 64 * 64)

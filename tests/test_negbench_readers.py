@@ -35,18 +35,21 @@ def test_reads_official_kinds_and_resolves_paths(tmp_path):
   assert (ds.option_types == metrics.UNKNOWN).all()  # official files carry no types
 
   binary = _write(tmp_path / "chexpert_binary_mcq.csv",
-                  ["image_path", "caption_0", "caption_1", "correct_answer"], [["c.jpg", "p", "q", 1]])
+                  ["image_path", "caption_0", "caption_1", "correct_answer"],
+                  [["c.jpg", "p", "q", 1]])
   assert negbench.read(binary).kind == "binary_mcq"
   assert negbench.read(binary).paths == [str(tmp_path / "c.jpg")]  # default root: CSV folder
 
-  video = _write(tmp_path / "msr_vtt_mcq.csv", MCQ_HEADER, [["v.mp4", "a", "b", "c", "d", 3, "positive"]])
+  video = _write(tmp_path / "msr_vtt_mcq.csv", MCQ_HEADER,
+                 [["v.mp4", "a", "b", "c", "d", 3, "positive"]])
   assert negbench.read(video).kind == "video_mcq"
 
   ret = _write(tmp_path / "COCO_val_retrieval.csv", ["filepath", "captions"],
                [["a.jpg", repr(["one", "two, with comma"])], ["b.jpg", "['three']"]])
   ds = negbench.read(ret)
   assert ds.kind == "retrieval" and ds.captions == [["one", "two, with comma"], ["three"]]
-  vret = _write(tmp_path / "msr_vtt_retrieval.csv", ["video_path", "captions"], [["v.avi", "['x']"]])
+  vret = _write(tmp_path / "msr_vtt_retrieval.csv", ["video_path", "captions"],
+                [["v.avi", "['x']"]])
   assert negbench.read(vret).kind == "video_retrieval"
 
   _write(tmp_path / "notes.csv", ["a", "b"], [[1, 2]])
