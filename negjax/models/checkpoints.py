@@ -401,15 +401,16 @@ def load_model(path_or_name: str, arch: str | None = None, **options) -> clip.CL
   return from_state_dict(sd, config.replace(**options), path)
 
 
-def save_open_clip(model: clip.CLIP, path: str) -> None:
-  """Writes open_clip-layout `.safetensors` (float32), atomically, with the architecture
-  in the metadata; `open_clip.create_model(arch, pretrained=path)` reads it."""
+def save_open_clip(model: clip.CLIP, path: str, dtype="float32") -> None:
+  """Writes open_clip-layout `.safetensors` (float32, or e.g. float16 to halve the file),
+  atomically, with the architecture in the metadata; `open_clip.create_model(arch,
+  pretrained=path)` reads it."""
   from safetensors.numpy import save_file
   path = str(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
-  save_file(state_dict(model), tmp,
-            metadata={CONFIG_KEY: json.dumps(model.config.architecture)})
+  tensors = {k: v.astype(dtype) for k, v in state_dict(model).items()}
+  save_file(tensors, tmp, metadata={CONFIG_KEY: json.dumps(model.config.architecture)})
   os.replace(tmp, path)
 
 

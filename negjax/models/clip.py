@@ -62,6 +62,8 @@ _BASE = {
     "ViT-L-14-336": _vit(768, 336, 14, 1024, 24, 768, 12),
     # Small enough for CPU tests: 32px images, two layers of two heads per tower.
     "negjax-tiny": _vit(64, 32, 8, 128, 2, 128, 2),
+    # The shapes-CLIP that ships with negjax: 64px images, four layers per tower.
+    "negjax-shapes": _vit(128, 64, 8, 128, 4, 128, 4),
 }
 ARCHITECTURES = dict(_BASE)
 ARCHITECTURES.update(

@@ -1,0 +1,95 @@
+"""NegCLIP-style fine-tuning: contrastive loss on negated captions + MCQ loss on negated MCQs.
+
+Embedded default (no data, no weights, 2 CPU cores, about 6 minutes):
+
+  python -m negjax.train --config configs/negclip.py
+
+builds the shapes world (into ~/.cache/negjax/shapes unless --config.data.dir is set),
+loads the shapes-CLIP that ships inside negjax (trained on affirmative captions only, see
+configs/shapes_clip.py), evaluates it on the shapes NegBench files, fine-tunes it on
+shapes NegFull (NegCap + NegMCQ), evaluates again and prints a before/after table. Expect
+negation-template MCQ accuracy to rise by well over 40 points and negated-retrieval
+Recall@5 by over 10, with affirmation-template accuracy about flat.
+
+The paper's released recipe (ViT-B/32 from OpenAI weights, lr 1e-8, contrastive weight 0.99,
+MCQ weight 0.01) on your own NegFull shards and NegBench files:
+
+  python -m negjax.train --config configs/negclip.py:paper \
+      --config.data.dir=/data/negfull --config.eval.data_root=/data/negbench \
+      --config.workdir=/runs/negclip-vitb32
+
+Anything else is a `--config.x=y` override (mesh, batch size, steps, dtype ...).
+"""
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from negjax.data.make import default_config as data_config
+
+
+def get_config(preset: str = "shapes"):
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.workdir = "runs/negclip-shapes"
+
+  c.model = ml_collections.ConfigDict()
+  c.model.init = "shapes"  # a checkpoint path, `openai:ARCH`, "shapes" (packaged), "random"
+  c.model.arch = placeholder(str)  # architecture name; needed when init is "random"
+  c.model.dtype = "float32"  # compute dtype; params stay float32
+  c.model.scan_layers = False
+  c.model.remat = False
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = placeholder(str)  # data-engine output (train/ + eval/); unset: shapes world
+  c.data.shapes = data_config("shapes")  # the world built when dir is None
+  c.data.shapes.train_size = 12_000
+  c.data.shapes.eval_size = 1_000
+  c.data.captions = ("negcap", "affirmative")  # pools a step's caption is drawn from
+  c.data.text_length = 32  # tokens per caption (77 = CLIP's; shapes captions are short)
+  c.data.workers = 0  # Grain worker processes (0: in the main process)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.contrastive_weight = 0.5
+  c.loss.mcq_weight = 0.5
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2e-4
+  c.optim.warmup_steps = 20
+  c.optim.end_ratio = 0.1
+  c.optim.weight_decay = 0.1
+  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-6
+  c.optim.grad_clip = 1.0
+
+  c.batch_size = 64  # global, over all devices and hosts
+  c.total_steps = 300
+  c.log_every = 10
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 2
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by fsdp
+  c.mesh.fsdp = 1
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.enabled = True
+  c.eval.files = placeholder(str)  # comma-separated CSVs; unset: all NegBench files found
+  c.eval.data_root = placeholder(str)  # unset: the data dir's eval/ folder
+  c.eval.batch_size = 128
+  c.eval.every = 0  # also evaluate every N steps (0: only before and after)
+
+  c.export = placeholder(str)  # write the final model as open_clip .safetensors here
+  c.export_dtype = "float32"
+
+  if preset == "paper":
+    c.workdir = "runs/negclip-vitb32"
+    c.model.init = "openai:ViT-B-32"
+    c.data.captions = ("negcap",)
+    c.data.text_length = 77
+    c.loss.contrastive_weight, c.loss.mcq_weight = 0.99, 0.01
+    c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 1e-8, 50, 0.1
+    c.optim.grad_clip = 0.0
+    c.batch_size, c.total_steps = 256, 20_000
+    c.checkpoint_every, c.log_every = 1000, 50
+    c.data.workers = 8
+  elif preset != "shapes":
+    raise ValueError(f"unknown preset {preset!r}: use 'shapes' or 'paper'")
+  return c

@@ -1,0 +1,113 @@
+"""`python -m negjax.train` end to end, as subprocesses on a tiny shapes world: exact resume
+after kill -9, restore on another device count, and a clean stop on a diverging loss."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from negjax.data import make
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("shapes"))
+  make.build(make.default_config("shapes", out=out, train_size=96, eval_size=24,
+                                 image_size=32, shards=4, workers=1, progress=False))
+  return out
+
+
+def command(workdir, data_dir, *overrides, steps=12):
+  return [sys.executable, "-m", "negjax.train", "--config", "configs/negclip.py",
+          f"--config.workdir={workdir}", f"--config.data.dir={data_dir}",
+          "--config.model.init=random", "--config.model.arch=negjax-tiny",
+          f"--config.total_steps={steps}", "--config.batch_size=16", "--config.log_every=2",
+          "--config.checkpoint_every=2", "--config.keep_checkpoints=10",
+          "--config.data.text_length=16", "--config.eval.enabled=False",
+          f"--config.export={workdir}/final.safetensors", *overrides]
+
+
+def run(cmd, devices=8, **kw):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, **kw)
+
+
+def final_params(workdir):
+  return load_file(os.path.join(workdir, "final.safetensors"))
+
+
+def steps_saved(workdir):
+  ckpt = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  result = run(command(workdir, data_dir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_run_writes_log_report_and_curves(uninterrupted):
+  records = [json.loads(l) for l in open(os.path.join(uninterrupted, "metrics.jsonl"))]
+  logged = [r for r in records if "loss" in r]
+  assert [r["step"] for r in logged] == list(range(2, 13, 2))
+  for key in ("contrastive_loss", "mcq_loss", "lr", "logit_scale", "samples_per_s",
+              "step_time", "data_time"):
+    assert all(np.isfinite(r[key]) for r in logged), key
+  assert os.path.getsize(os.path.join(uninterrupted, "training.png")) > 0
+  assert steps_saved(uninterrupted)[-1] == 12
+
+
+def test_kill_9_then_resume_gives_identical_parameters(data_dir, uninterrupted, tmp_path):
+  workdir = str(tmp_path / "killed")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(command(workdir, data_dir), cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  while proc.poll() is None and not steps_saved(workdir):
+    time.sleep(0.005)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  saved = steps_saved(workdir)
+  assert proc.returncode == -signal.SIGKILL and saved and saved[-1] < 12, saved
+  result = run(command(workdir, data_dir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"resumed from step {saved[-1]}" in result.stderr
+  want, got = final_params(uninterrupted), final_params(workdir)
+  assert want.keys() == got.keys()
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_restore_on_a_different_device_count(data_dir, uninterrupted, tmp_path):
+  workdir = str(tmp_path / "moved")
+  first = run(command(workdir, data_dir, "--config.mesh.fsdp=8", "--config.mesh.data=1",
+                      steps=6), devices=8)
+  assert first.returncode == 0, first.stderr[-3000:]
+  second = run(command(workdir, data_dir, steps=12), devices=2)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "resumed from step 6" in second.stderr and "over 2 devices" in second.stderr
+  want, got = final_params(uninterrupted), final_params(workdir)
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-5, err_msg=key)
+
+
+def test_diverging_loss_stops_and_keeps_good_checkpoints(data_dir, tmp_path):
+  workdir = str(tmp_path / "diverged")
+  result = run(command(workdir, data_dir, "--config.optim.lr=1e38",
+                       "--config.optim.grad_clip=0", "--config.checkpoint_every=1"))
+  assert result.returncode != 0
+  assert "non-finite" in result.stderr and "last good checkpoint" in result.stderr
+  saved = steps_saved(workdir)
+  assert saved and saved[-1] < 12
+  assert not os.path.exists(os.path.join(workdir, "final.safetensors"))
