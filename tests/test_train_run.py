@@ -2,6 +2,7 @@
 after kill -9, restore on another device count, and a clean stop on a diverging loss."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,12 +53,21 @@ def steps_saved(workdir):
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("straight"))
-  result = run(command(workdir, data_dir))
+  result = run(command(workdir, data_dir, "--config.eval.enabled=True",
+                       "--config.eval.every=6"))
   assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
+  return workdir, result.stdout
 
 
-def test_run_writes_log_report_and_curves(uninterrupted):
+def test_run_evaluates_and_writes_log_report_and_curves(uninterrupted):
+  uninterrupted, stdout = uninterrupted
+  after = json.load(open(os.path.join(uninterrupted, "eval_after.json")))
+  assert set(after) == {"shapes_val_mcq", "shapes_val_retrieval", "shapes_val_negated_retrieval"}
+  assert 0 <= after["shapes_val_mcq"]["negative_accuracy"] <= 1
+  assert re.search(r"shapes_val_mcq\s+negative_accuracy\s+[\d.]+\s+[\d.]+", stdout)  # table
+  evals = [json.loads(l)["step"] for l in open(os.path.join(uninterrupted, "metrics.jsonl"))
+           if '"eval"' in l]
+  assert evals == [0, 6, 12]
   records = [json.loads(l) for l in open(os.path.join(uninterrupted, "metrics.jsonl"))]
   logged = [r for r in records if "loss" in r]
   assert [r["step"] for r in logged] == list(range(2, 13, 2))
@@ -83,7 +93,7 @@ def test_kill_9_then_resume_gives_identical_parameters(data_dir, uninterrupted, 
   result = run(command(workdir, data_dir))
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"resumed from step {saved[-1]}" in result.stderr
-  want, got = final_params(uninterrupted), final_params(workdir)
+  want, got = final_params(uninterrupted[0]), final_params(workdir)
   assert want.keys() == got.keys()
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
@@ -97,7 +107,7 @@ def test_restore_on_a_different_device_count(data_dir, uninterrupted, tmp_path):
   second = run(command(workdir, data_dir, steps=12), devices=2)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "resumed from step 6" in second.stderr and "over 2 devices" in second.stderr
-  want, got = final_params(uninterrupted), final_params(workdir)
+  want, got = final_params(uninterrupted[0]), final_params(workdir)
   for key in want:
     np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-5, err_msg=key)
 
