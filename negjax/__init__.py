@@ -7,7 +7,7 @@
 """
 from negjax.models.checkpoints import load_model, save_open_clip
 from negjax.models.clip import CLIP, CLIPConfig
-from negjax.preprocess import open_image, preprocess
+from negjax.image import open_image, preprocess
 from negjax.tokenizer import tokenize
 
 __all__ = ["CLIP", "CLIPConfig", "load_model", "open_image", "preprocess", "save_open_clip",

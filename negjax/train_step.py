@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 
 from negjax import losses, sharding
-from negjax.preprocess import OPENAI_MEAN, OPENAI_STD
+from negjax.image import OPENAI_MEAN, OPENAI_STD
 
 NO_DECAY = ("bias", "scale", "class_embedding", "logit_scale")  # gains, biases, temperature
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from negjax import evaluate, metrics
 from negjax.models import clip
-from negjax.preprocess import preprocess
+from negjax.image import preprocess
 from negjax.tokenizer import tokenize
 
 WORDS = ["red", "blue", "green", "circle", "square", "no", "dog", "cat"]

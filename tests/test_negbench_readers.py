@@ -150,7 +150,7 @@ def test_media_batches_pad_and_shard(tmp_path, monkeypatch):
 def test_decompression_bomb_is_flagged(tmp_path, monkeypatch):
   p = tmp_path / "big.png"
   Image.new("L", (64, 64)).save(p)
-  module = importlib.import_module("negjax.preprocess")  # the package exports a same-named function
+  module = importlib.import_module("negjax.image")
   monkeypatch.setattr(module, "MAX_PIXELS", 1000)
   out = eval_input.LoadMedia([str(p)], 4, 1).map(0)
   assert out["status"] == eval_input.BOMB and "decompression bomb" in out["error"]

@@ -1,4 +1,4 @@
-"""negjax.preprocess matches open_clip's eval transform; bad image files give errors naming the file."""
+"""negjax.image.preprocess matches open_clip's eval transform; bad image files give errors naming the file."""
 import os
 import struct
 import subprocess
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from negjax import preprocess as pp
+from negjax import image as pp
 
 SHAPES = [(1, 1), (1, 40), (40, 1), (7, 9), (31, 33), (32, 32), (224, 224), (225, 224),
           (224, 225), (300, 200), (200, 300), (337, 500), (700, 17)]
@@ -181,7 +181,7 @@ class Block(importlib.abc.MetaPathFinder):
     if name.split(".")[0] in ("torch", "torchvision", "open_clip"):
       raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
-from negjax.preprocess import open_image, preprocess
+from negjax.image import open_image, preprocess
 np.save(sys.argv[2], preprocess(open_image(sys.argv[1]), 32))
 assert "torch" not in sys.modules
 """

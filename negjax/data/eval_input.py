@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from negjax.data import negbench
-from negjax.preprocess import open_image, preprocess
+from negjax.image import open_image, preprocess
 
 OK, UNREADABLE, BOMB, PADDING = 0, 1, 2, 3
 

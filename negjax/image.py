@@ -104,7 +104,7 @@ def preprocess_uint8(array, size=224):
 def _bomb_error(path, pixels, limit):
   return ValueError(
       f"{path}: image has {pixels} pixels, more than the limit of {limit} "
-      "(possible decompression bomb; raise negjax.preprocess.MAX_PIXELS if it is genuine)")
+      "(possible decompression bomb; raise negjax.image.MAX_PIXELS if it is genuine)")
 
 
 def open_image(path):
