@@ -1,5 +1,33 @@
 """Test setup: 8 fake CPU devices so sharding code runs as on a real mesh."""
 import os
+import subprocess
+import sys
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+_BLOCK_TORCH = r"""
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("torch", "torchvision", "open_clip"):
+      raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, _Block())
+"""
+
+
+@pytest.fixture
+def run_without_torch():
+  """Runs a Python snippet in a fresh process where importing torch/open_clip fails, and
+  checks it never imported them: proves a code path works with the core install."""
+  def run(code, *args):
+    snippet = _BLOCK_TORCH + code + '\nassert "torch" not in sys.modules\n'
+    result = subprocess.run([sys.executable, "-c", snippet, *map(str, args)],
+                            capture_output=True, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+  return run
