@@ -105,6 +105,24 @@ def _normal(std):
   return nnx.initializers.normal(stddev=std)
 
 
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis (eps 1e-5, statistics in float32): normalise, then scale
+  and shift. Unlike nnx.LayerNorm, XLA then keeps no broadcast copy of the scale for the
+  backward pass, which cost a small CLIP ~5% of its training step on CPU."""
+
+  def __init__(self, width, dtype, param_dtype, eps=1e-5):
+    self.scale = nnx.Param(jnp.ones((width,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((width,), param_dtype))
+    self.dtype, self.eps = dtype, eps
+
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    centred = x - x.mean(-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)
+            + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
 class Block(nnx.Module):
   """Pre-LN residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
@@ -115,22 +133,29 @@ class Block(nnx.Module):
     attn_std, proj_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5
     fc_std = (2 * width) ** -0.5
     common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.ln_1 = nnx.LayerNorm(width, epsilon=1e-5, **common)
+    self.ln_1 = LayerNorm(width, dtype, param_dtype)
     self.qkv = nnx.Linear(width, 3 * width, kernel_init=_normal(attn_std), **common)
     self.out = nnx.Linear(width, width, kernel_init=_normal(proj_std), **common)
-    self.ln_2 = nnx.LayerNorm(width, epsilon=1e-5, **common)
+    self.ln_2 = LayerNorm(width, dtype, param_dtype)
     self.fc = nnx.Linear(width, hidden, kernel_init=_normal(fc_std), **common)
     self.proj = nnx.Linear(hidden, width, kernel_init=_normal(proj_std), **common)
 
   def __call__(self, x, causal: bool):
     b, n, w = x.shape
-    qkv = self.qkv(self.ln_1(x)).reshape(b, n, 3, self.heads, w // self.heads)
-    attn = jax.nn.dot_product_attention(
-        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=causal)
+    # split (not slice) q, k, v: the gradient is then one concatenate, not three pads + adds
+    q, k, v = (t.reshape(b, n, self.heads, w // self.heads)
+               for t in jnp.split(self.qkv(self.ln_1(x)), 3, axis=-1))
+    attn = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
     x = x + self.out(attn.reshape(b, n, w))
     h = self.fc(self.ln_2(x))
-    h = h * jax.nn.sigmoid(1.702 * h) if self.quick_gelu else jax.nn.gelu(h, approximate=False)
+    h = h * jax.nn.sigmoid(1.702 * h) if self.quick_gelu else gelu(h)
     return x + self.proj(h)
+
+
+def gelu(x):
+  """Exact (erf) GELU, as torch's nn.GELU. Written with erf: jax.nn.gelu's erfc form
+  costs XLA:CPU three extra elementwise passes, ~12% of a small CLIP's training step."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * 2 ** -0.5))
 
 
 class Transformer(nnx.Module):
@@ -179,9 +204,9 @@ class VisionTower(nnx.Module):
     self.positional_embedding = nnx.Param(
         jax.random.normal(key(), (grid * grid + 1, w), c.param_dtype) * scale)
     common = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
-    self.ln_pre = nnx.LayerNorm(w, epsilon=1e-5, **common)
+    self.ln_pre = LayerNorm(w, c.dtype, c.param_dtype)
     self.transformer = Transformer(w, c.vision_layers, c.vision_heads, c, False, rngs)
-    self.ln_post = nnx.LayerNorm(w, epsilon=1e-5, **common)
+    self.ln_post = LayerNorm(w, c.dtype, c.param_dtype)
     self.proj = nnx.Param(jax.random.normal(key(), (w, c.embed_dim), c.param_dtype) * scale)
 
   def __call__(self, images):
@@ -209,8 +234,7 @@ class TextTower(nnx.Module):
     self.positional_embedding = nnx.Param(
         jax.random.normal(key(), (c.context_length, w), c.param_dtype) * 0.01)
     self.transformer = Transformer(w, c.text_layers, c.text_heads, c, True, rngs)
-    self.ln_final = nnx.LayerNorm(w, epsilon=1e-5, dtype=c.dtype, param_dtype=c.param_dtype,
-                                  rngs=rngs)
+    self.ln_final = LayerNorm(w, c.dtype, c.param_dtype)
     self.text_projection = nnx.Param(
         jax.random.normal(key(), (w, c.embed_dim), c.param_dtype) * w ** -0.5)
 
