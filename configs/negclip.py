@@ -1,15 +1,16 @@
 """NegCLIP-style fine-tuning: contrastive loss on negated captions + MCQ loss on negated MCQs.
 
-Embedded default (no data, no weights, 2 CPU cores, about 6 minutes):
+Embedded default (no data, no weights, 2 CPU cores, about 8 minutes):
 
   python -m negjax.train --config configs/negclip.py
 
 builds the shapes world (into ~/.cache/negjax/shapes unless --config.data.dir is set),
 loads the shapes-CLIP that ships inside negjax (trained on affirmative captions only, see
 configs/shapes_clip.py), evaluates it on the shapes NegBench files, fine-tunes it on
-shapes NegFull (NegCap + NegMCQ), evaluates again and prints a before/after table. Expect
-negation-template MCQ accuracy to rise by well over 40 points and negated-retrieval
-Recall@5 by over 10, with affirmation-template accuracy about flat.
+shapes NegFull (NegCap + NegMCQ), evaluates again and prints a before/after table. Measured
+on 2 CPU cores (640 steps of 32): negation-template MCQ accuracy 0.03 -> 0.26, hybrid
+0.20 -> 0.59, affirmation 0.45 -> 0.69, negated-retrieval Recall@5 0.085 -> 0.126; plain
+retrieval Recall@5 drops 0.78 -> 0.60 (the small model trades some of it for negation).
 
 The paper's released recipe (ViT-B/32 from OpenAI weights, lr 1e-8, contrastive weight 0.99,
 MCQ weight 0.01) on your own NegFull shards and NegBench files:
@@ -44,7 +45,7 @@ def get_config(preset: str = "shapes"):
   c.data.shapes.train_size = 12_000
   c.data.shapes.eval_size = 1_000
   c.data.captions = ("negcap", "affirmative")  # pools a step's caption is drawn from
-  c.data.text_length = 32  # tokens per caption (77 = CLIP's; shapes captions are short)
+  c.data.text_length = 24  # tokens per caption (77 = CLIP's; shapes captions have <= 20)
   c.data.workers = 0  # Grain worker processes (0: in the main process)
 
   c.loss = ml_collections.ConfigDict()
@@ -59,10 +60,10 @@ def get_config(preset: str = "shapes"):
   c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-6
   c.optim.grad_clip = 1.0
 
-  c.batch_size = 64  # global, over all devices and hosts
-  c.total_steps = 300
+  c.batch_size = 32  # global, over all devices and hosts; small: more updates per minute
+  c.total_steps = 640
   c.log_every = 10
-  c.checkpoint_every = 100
+  c.checkpoint_every = 200
   c.keep_checkpoints = 2
 
   c.mesh = ml_collections.ConfigDict()
