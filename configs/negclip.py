@@ -8,9 +8,10 @@ builds the shapes world (into ~/.cache/negjax/shapes unless --config.data.dir is
 loads the shapes-CLIP that ships inside negjax (trained on affirmative captions only, see
 configs/shapes_clip.py), evaluates it on the shapes NegBench files, fine-tunes it on
 shapes NegFull (NegCap + NegMCQ), evaluates again and prints a before/after table. Measured
-on 2 CPU cores (640 steps of 32): negation-template MCQ accuracy 0.03 -> 0.26, hybrid
-0.20 -> 0.59, affirmation 0.45 -> 0.69, negated-retrieval Recall@5 0.085 -> 0.126; plain
-retrieval Recall@5 drops 0.78 -> 0.60 (the small model trades some of it for negation).
+on 2 CPU cores (640 steps of 32, ~8 minutes with the world build): negation-template MCQ
+accuracy 0.03 -> 0.22, hybrid 0.20 -> 0.61, affirmation 0.53 -> 0.68, negated-retrieval
+Recall@5 0.08 -> 0.17; plain retrieval Recall@5 drops 0.86 -> 0.70 (the small model trades
+some of it for negation).
 
 The paper's released recipe (ViT-B/32 from OpenAI weights, lr 1e-8, contrastive weight 0.99,
 MCQ weight 0.01) on your own NegFull shards and NegBench files:
