@@ -57,12 +57,11 @@ def negjax_runner(sd, config, batch, optim, loss_cfg):
   state, shardings = train_step.init_state(params, tx, mesh)
   step = train_step.make_train_step(graphdef, tx, schedule, loss_cfg, mesh, shardings)
   gbatch = sharding.global_batch(batch, mesh)
-  holder = {"state": state}
-
   def run(n):
+    nonlocal state
     start = time.perf_counter()
     for _ in range(n):
-      holder["state"], m = step(holder["state"], gbatch)
+      state, m = step(state, gbatch)
     jax.block_until_ready(m)
     return (time.perf_counter() - start) / n, float(m["loss"])
 
