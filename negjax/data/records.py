@@ -186,6 +186,11 @@ class ParsedSource:
     import grain
     self.paths = list(paths)
     self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    # Import tensorflow_datasets here, in the caller's thread. Left to the first read it
+    # would run in a Grain prefetch thread, and its import swaps `builtins.__import__`
+    # process-wide (etils lazy imports) while, e.g., Orbax restore threads are importing:
+    # they then get a lazy stub instead of `math.log` and the restore fails.
+    features()
 
   def __len__(self):
     return len(self._source)
