@@ -78,7 +78,7 @@ def get_config(preset: str = "shapes"):
   c.eval.batch_size = 128
   c.eval.every = 0  # also evaluate every N steps (0: only before and after)
 
-  c.export = placeholder(str)  # write the final model as open_clip .safetensors here
+  c.export = placeholder(str)  # final model as .safetensors; unset: WORKDIR/model.safetensors
   c.export_dtype = "float32"
 
   if preset == "paper":

@@ -3,6 +3,7 @@
 # (one coordinator on localhost, each process with its own devices and data slice).
 #
 #   launch/local_multiprocess.sh 2 configs/negclip.py --config.total_steps=20
+# (PYTHON=/path/to/python picks the interpreter; default: python on PATH)
 set -euo pipefail
 if [ $# -lt 2 ]; then
   sed -n '2,6p' "$0"
@@ -15,7 +16,7 @@ pids=()
 for ((i = 0; i < n; i++)); do
   NEGJAX_DISTRIBUTED=1 NEGJAX_COORDINATOR=localhost:$port NEGJAX_NUM_PROCESSES=$n \
     NEGJAX_PROCESS_ID=$i JAX_PLATFORMS=cpu \
-    python -m negjax.train --config "$config" "$@" &
+    "${PYTHON:-python}" -m negjax.train --config "$config" "$@" &
   pids+=($!)
 done
 status=0

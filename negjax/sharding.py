@@ -75,6 +75,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def to_host(tree):
+  """Global jax.Arrays -> their full values as NumPy on this process. On several hosts this
+  is a collective: every process must call it."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)  # global arrays come back whole
+
+
 def global_batch(local_batch, mesh: Mesh):
   """Host-local NumPy arrays (this process's slice of the batch) -> global jax.Arrays
   split over the batch axes; works unchanged on one host or many."""

@@ -39,6 +39,8 @@ def evaluate(graphdef, params, eval_config, data, step, run_log):
   if not eval_config.enabled:
     return {}
   from negjax import evaluate as evaluator
+  if jax.process_count() > 1:  # the evaluator encodes each process's share with local weights
+    params = jax.device_put(sharding.to_host(params), jax.local_devices()[0])
   model = nnx.merge(graphdef, params)
   results = evaluator.evaluate_files(
       model, files=eval_config.files.split(",") if eval_config.files else data.eval_files,
@@ -154,6 +156,7 @@ def main(argv):
 
   # --------------------------------------------------- evaluate after + report
   after = evaluate(graphdef, state["params"], config.eval, data, config.total_steps, run_log)
+  final_params = sharding.to_host(state["params"])  # a collective: every process takes part
   if is_main:
     with open(os.path.join(workdir, "eval_after.json"), "w") as f:
       json.dump(after, f, indent=1)
@@ -163,10 +166,9 @@ def main(argv):
       f.write(table + "\n")
     b, a = summary(before), summary(after)
     print("curves and metrics:", train_log.plot_run(workdir, b, a, sorted(set(b) | set(a))))
-    if config.export:
-      checkpoints.save_open_clip(nnx.merge(graphdef, jax.device_get(state["params"])),
-                                 config.export, config.export_dtype)
-      print("exported", config.export)
+    export = config.export or os.path.join(workdir, "model.safetensors")
+    checkpoints.save_open_clip(nnx.merge(graphdef, final_params), export, config.export_dtype)
+    print("fine-tuned model:", export)
 
 
 @jax.jit

@@ -1,5 +1,6 @@
 """`python -m negjax.train` end to end, as subprocesses on a tiny shapes world: exact resume
-after kill -9, restore on another device count, and a clean stop on a diverging loss."""
+after kill -9, restore on another device count, two cooperating processes (as two hosts),
+and a clean stop on a diverging loss."""
 import json
 import os
 import re
@@ -31,8 +32,7 @@ def command(workdir, data_dir, *overrides, steps=12):
           "--config.model.init=random", "--config.model.arch=negjax-tiny",
           f"--config.total_steps={steps}", "--config.batch_size=16", "--config.log_every=2",
           "--config.checkpoint_every=2", "--config.keep_checkpoints=10",
-          "--config.data.text_length=16", "--config.eval.enabled=False",
-          f"--config.export={workdir}/final.safetensors", *overrides]
+          "--config.data.text_length=16", "--config.eval.enabled=False", *overrides]
 
 
 def run(cmd, devices=8, **kw):
@@ -42,7 +42,7 @@ def run(cmd, devices=8, **kw):
 
 
 def final_params(workdir):
-  return load_file(os.path.join(workdir, "final.safetensors"))
+  return load_file(os.path.join(workdir, "model.safetensors"))  # the default export
 
 
 def steps_saved(workdir):
@@ -112,6 +112,31 @@ def test_restore_on_a_different_device_count(data_dir, uninterrupted, tmp_path):
     np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-5, err_msg=key)
 
 
+def test_two_processes_train_and_evaluate_like_one(data_dir, tmp_path):
+  """launch/local_multiprocess.sh: two processes, one CPU device each, parameters split over
+  both (FSDP); same data stream, evaluation and final model as one process with two devices."""
+  overrides = ("--config.mesh.fsdp=2", "--config.mesh.data=1", "--config.eval.enabled=True")
+  one = str(tmp_path / "one")
+  result = run(command(one, data_dir, *overrides, steps=4), devices=2)
+  assert result.returncode == 0, result.stderr[-3000:]
+  two = str(tmp_path / "two")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable)
+  env.pop("XLA_FLAGS", None)
+  args = command(two, data_dir, *overrides, steps=4)[5:]  # after `-m negjax.train --config X`
+  result = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "configs/negclip.py",
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "over 2 devices, 2 processes" in result.stderr
+  want, got = final_params(one), final_params(two)
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-5, err_msg=key)
+  want, got = (json.load(open(os.path.join(w, "eval_after.json"))) for w in (one, two))
+  for name in want:
+    for key, value in want[name].items():
+      if isinstance(value, float):
+        assert abs(got[name][key] - value) < 1e-6, (name, key)
+
+
 def test_diverging_loss_stops_and_keeps_good_checkpoints(data_dir, tmp_path):
   workdir = str(tmp_path / "diverged")
   result = run(command(workdir, data_dir, "--config.optim.lr=1e38",
@@ -120,4 +145,4 @@ def test_diverging_loss_stops_and_keeps_good_checkpoints(data_dir, tmp_path):
   assert "non-finite" in result.stderr and "last good checkpoint" in result.stderr
   saved = steps_saved(workdir)
   assert saved and saved[-1] < 12
-  assert not os.path.exists(os.path.join(workdir, "final.safetensors"))
+  assert not os.path.exists(os.path.join(workdir, "model.safetensors"))

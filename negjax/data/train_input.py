@@ -74,9 +74,11 @@ def make_iterator(train_dir, data_config, global_batch_size, seed, image_size):
   source = records.training_source(train_dir)
   n_proc = jax.process_count()
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-  ds = ds[jax.process_index()::n_proc]
   ds = ds.random_map(TrainingExample(data_config.captions, data_config.text_length,
                                      image_size), seed=seed)
+  # Sliced after the random map (lazily: each process computes only its own share), so the
+  # global stream of examples is the same for any number of processes.
+  ds = ds[jax.process_index()::n_proc]
   ds = ds.batch(global_batch_size // n_proc, drop_remainder=True)
   it = ds.to_iter_dataset()
   if data_config.workers:
