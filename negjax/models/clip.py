@@ -140,16 +140,25 @@ class Block(nnx.Module):
     self.fc = nnx.Linear(width, hidden, kernel_init=_normal(fc_std), **common)
     self.proj = nnx.Linear(hidden, width, kernel_init=_normal(proj_std), **common)
 
-  def __call__(self, x, causal: bool):
+  def __call__(self, x, causal: bool, pool=None):
+    """[B, N, w] -> [B, N, w]; with `pool` ([B] positions), only those tokens' outputs,
+    [B, w]: a pooled tower's last layer needs no other query, MLP or projection."""
     b, n, w = x.shape
+    heads = lambda t: t.reshape(b, t.shape[1], self.heads, w // self.heads)
     # split (not slice) q, k, v: the gradient is then one concatenate, not three pads + adds
-    q, k, v = (t.reshape(b, n, self.heads, w // self.heads)
-               for t in jnp.split(self.qkv(self.ln_1(x)), 3, axis=-1))
-    attn = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
-    x = x + self.out(attn.reshape(b, n, w))
+    q, k, v = jnp.split(self.qkv(self.ln_1(x)), 3, axis=-1)
+    if pool is None:
+      attn = jax.nn.dot_product_attention(heads(q), heads(k), heads(v), is_causal=causal)
+    else:
+      at = lambda t: jnp.take_along_axis(t, pool[:, None, None], axis=1)  # [B, 1, w]
+      q, x = at(q), at(x)
+      mask = (jnp.arange(n)[None, :] <= pool[:, None])[:, None, None, :] if causal else None
+      attn = jax.nn.dot_product_attention(heads(q), heads(k), heads(v), mask=mask)
+    x = x + self.out(attn.reshape(b, -1, w))
     h = self.fc(self.ln_2(x))
     h = h * jax.nn.sigmoid(1.702 * h) if self.quick_gelu else gelu(h)
-    return x + self.proj(h)
+    x = x + self.proj(h)
+    return x if pool is None else x[:, 0]
 
 
 def gelu(x):
@@ -172,19 +181,24 @@ class Transformer(nnx.Module):
     states = [first] + [nnx.state(make()) for _ in range(layers - 1)]
     self.blocks = nnx.merge(graphdef, jax.tree.map(lambda *a: jnp.stack(a), *states))
 
-  def __call__(self, x):
+  def __call__(self, x, pool=None):
+    """All tokens' outputs, or with `pool` ([B] positions) only those, [B, w]."""
     graphdef, stacked = nnx.split(self.blocks)
 
-    def layer(x, state):
-      return nnx.merge(graphdef, state)(x, self.causal)
+    def layer(x, state, pool=None):
+      return nnx.merge(graphdef, state)(x, self.causal, pool)
 
     if self.remat:
       layer = jax.checkpoint(layer)
-    if self.scan:
-      x, _ = jax.lax.scan(lambda c, s: (layer(c, s), None), x, stacked)
-      return x
-    for i in range(self.layers):
-      x = layer(x, jax.tree.map(lambda a: a[i], stacked))
+    full = self.layers if pool is None else self.layers - 1  # layers run on every token
+    if self.scan and full:
+      x, _ = jax.lax.scan(lambda c, s: (layer(c, s), None), x,
+                          jax.tree.map(lambda a: a[:full], stacked))
+    else:
+      for i in range(full):
+        x = layer(x, jax.tree.map(lambda a: a[i], stacked))
+    if pool is not None:
+      x = layer(x, jax.tree.map(lambda a: a[-1], stacked), pool)
     return x
 
 
@@ -216,8 +230,7 @@ class VisionTower(nnx.Module):
     x = patches @ self.patch_embed[...].astype(self.dtype)
     cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...].astype(self.dtype)
-    x = self.transformer(self.ln_pre(x))
-    pooled = self.ln_post(x[:, 0])
+    pooled = self.ln_post(self.transformer(self.ln_pre(x), pool=jnp.zeros((b,), jnp.int32)))
     return pooled @ self.proj[...].astype(self.dtype)
 
 
@@ -241,8 +254,7 @@ class TextTower(nnx.Module):
     ids = jnp.asarray(ids, jnp.int32)
     x = jnp.take(self.token_embedding[...], ids, axis=0).astype(self.dtype)
     x = x + self.positional_embedding[...][: ids.shape[1]].astype(self.dtype)
-    x = self.ln_final(self.transformer(x))
-    pooled = jnp.take_along_axis(x, jnp.argmax(ids, axis=-1)[:, None, None], axis=1)[:, 0]
+    pooled = self.ln_final(self.transformer(x, pool=jnp.argmax(ids, axis=-1)))
     return pooled @ self.text_projection[...].astype(self.dtype)
 
 
