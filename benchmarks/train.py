@@ -2,12 +2,16 @@
 
   python benchmarks/train.py --arch negjax-tiny --batch 64
   python benchmarks/train.py --arch ViT-B-32 --batch 32
+  python benchmarks/train.py --arch negjax-tiny --batch 64 --texts random  # no padding
   python benchmarks/train.py --arch ViT-B-16 --batch 256 --dtype bfloat16 --no-torch  # GPU
 
 The step is NegCLIP's: per image one caption and 4 MCQ options, contrastive + MCQ loss,
-backward, AdamW. Both sides start from the same weights and see the same batch. MFU uses
-the analytic FLOP count of `negjax.flops` against the peak measured in this run (a large
-float32 matmul) or `--peak-tflops`.
+backward, AdamW. Both sides start from the same weights and see the same batch: by default
+NegFull texts from the data engine (a NegCap caption and the MCQ options of shapes scenes),
+tokenized to 77 as CLIP does; `--texts random` fills all 77 tokens (the worst case for
+negjax, which runs a batch's texts only up to its longest, as the trainer does). MFU counts
+the analytic FLOPs (`negjax.flops`) of the tokens the batch's texts use, against the peak
+measured in this run (a large float32 matmul) or `--peak-tflops`.
 """
 import argparse
 import os
@@ -20,21 +24,35 @@ import numpy as np
 from flax import nnx
 
 from negjax import flops, sharding, train_step
+from negjax.data import captions, shapes, train_input
 from negjax.models import checkpoints, clip
+from negjax.tokenizer import tokenize, used_length
 
 OPTIONS = 4
 
 
-def make_batch(config, batch, text_length, seed=0):
+def make_batch(config, batch, text_length, texts="negfull", seed=0):
   rng = np.random.default_rng(seed)
   out = {
       "image": rng.integers(0, 256, (batch, config.image_size, config.image_size, 3), np.uint8),
-      "caption_ids": rng.integers(1, 49406, (batch, text_length)).astype(np.int32),
-      "mcq_ids": rng.integers(1, 49406, (batch, OPTIONS, text_length)).astype(np.int32),
       "mcq_answer": rng.integers(0, OPTIONS, (batch,)).astype(np.int32),
   }
-  out["caption_ids"][:, -1] = 49407
-  out["mcq_ids"][:, :, -1] = 49407
+  if texts == "random":
+    out["caption_ids"] = rng.integers(1, 49406, (batch, text_length)).astype(np.int32)
+    out["mcq_ids"] = rng.integers(1, 49406, (batch, OPTIONS, text_length)).astype(np.int32)
+    out["caption_ids"][:, -1] = 49407
+    out["mcq_ids"][:, :, -1] = 49407
+    return out
+  caption, options = [], []
+  for i in range(batch):
+    scene = shapes.sample_scene(rng)
+    present = [o.name for o in scene.objects]
+    annotated = captions.annotate(present, scene.absent, rng)
+    caption.append(annotated.negcap[0].text)
+    options += [o.text for o in annotated.mcq]
+    out["mcq_answer"][i] = annotated.answer
+  out["caption_ids"] = tokenize(caption, text_length)
+  out["mcq_ids"] = tokenize(options, text_length).reshape(batch, OPTIONS, text_length)
   return out
 
 
@@ -56,7 +74,7 @@ def negjax_runner(sd, config, batch, optim, loss_cfg):
   tx, schedule = train_step.make_optimizer(optim, 10_000)
   state, shardings = train_step.init_state(params, tx, mesh)
   step = train_step.make_train_step(graphdef, tx, schedule, loss_cfg, mesh, shardings)
-  gbatch = sharding.global_batch(batch, mesh)
+  gbatch = sharding.global_batch(train_input.trim_text(batch, multiple=8), mesh)
   def run(n):
     nonlocal state
     start = time.perf_counter()
@@ -126,6 +144,7 @@ def main():
   parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
   parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per side")
   parser.add_argument("--text-length", type=int, default=77)
+  parser.add_argument("--texts", default="negfull", choices=["negfull", "random"])
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--peak-tflops", type=float, default=None,
                       help="device peak for MFU (default: measured float32 matmul)")
@@ -138,7 +157,7 @@ def main():
                                          weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6,
                                          grad_clip=1.0))
   loss_cfg = ml_collections.ConfigDict(dict(contrastive_weight=0.99, mcq_weight=0.01))
-  batch = make_batch(config, args.batch, args.text_length)
+  batch = make_batch(config, args.batch, args.text_length, args.texts)
   runners = {"negjax": negjax_runner(sd, config.replace(dtype=jnp.dtype(args.dtype)), batch,
                                      optim, loss_cfg)}
   if not args.no_torch:
@@ -152,8 +171,10 @@ def main():
     for name, run in runners.items():
       best[name] = min(best[name], run(args.steps), key=lambda r: r[0])
   peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak_flops()
-  per_image = flops.train_flops_per_image(config, args.text_length, 1 + OPTIONS)
-  print(f"{args.arch}, global batch {args.batch}, text length {args.text_length}, "
+  caption_len, option_len = (used_length(batch[k], 1) for k in train_input.TEXT_FIELDS)
+  per_image = flops.train_flops_per_image(config, [caption_len] + [option_len] * OPTIONS)
+  print(f"{args.arch}, global batch {args.batch}, {args.texts} texts tokenized to "
+        f"{args.text_length} (longest caption {caption_len}, option {option_len} tokens), "
         f"{1 + OPTIONS} texts per image, negjax {args.dtype} on {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s); best of {args.rounds} alternating rounds "
         f"of {args.steps} steps")

@@ -18,7 +18,7 @@ from flax import nnx
 
 from negjax import metrics
 from negjax.data import eval_input, negbench
-from negjax.tokenizer import tokenize
+from negjax.tokenizer import tokenize, used_length
 
 
 class Encoders:
@@ -81,6 +81,7 @@ def encode_media(enc, paths, batch_size, frames=1, workers=0, desc=None):
 def encode_texts(enc, texts, batch_size):
   """Features [N, D] of a list of strings, encoded in static-shape batches."""
   ids = tokenize(texts, context_length=enc.context_length)
+  ids = ids[:, :used_length(ids)]  # exact: padding after the longest text is never read
   feats = []
   for chunk, n in eval_input.text_batches(ids, batch_size):
     feats.append(enc.text(jnp.asarray(chunk))[:n])

@@ -228,3 +228,15 @@ def get_tokenizer():
 def tokenize(texts, context_length=DEFAULT_CONTEXT_LENGTH):
   """Tokenizes like `open_clip.tokenize`, returning int32 [N, context_length]."""
   return get_tokenizer()(texts, context_length)
+
+
+def used_length(ids, multiple=8):
+  """Tokens a causal, EOT-pooled text tower needs for `ids` [..., L]: through the last EOT
+  (the largest id), rounded up to `multiple`, at most L. Features of `ids[..., :n]` equal
+  those of `ids`, since no token before an EOT attends to the padding after it; fewer
+  tokens make a faster step."""
+  full = ids.shape[-1]
+  if not multiple or not ids.size:
+    return full
+  last = int(np.argmax(ids, axis=-1).max()) + 1
+  return min(full, -(-last // multiple) * multiple)

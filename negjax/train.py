@@ -124,7 +124,8 @@ def main(argv):
   t_data, t_last, since_log = 0.0, time.perf_counter(), 0
   for step in range(start, config.total_steps):
     t0 = time.perf_counter()
-    batch = sharding.global_batch(next(train_iter), mesh)
+    batch = train_input.trim_text(next(train_iter), config.data.text_multiple)
+    batch = sharding.global_batch(batch, mesh)
     t_data += time.perf_counter() - t0
     state, metrics = step_fn(state, batch)
     if previous is not None:

@@ -46,18 +46,15 @@ def normalize_images(images_uint8, dtype=jnp.float32):
 
 
 def loss_fn(params, graphdef, batch, contrastive_weight, mcq_weight):
-  """Weighted contrastive + MCQ loss. One text-tower call encodes captions and options."""
+  """Weighted contrastive + MCQ loss."""
   model = nnx.merge(graphdef, params)
   images = model.encode_image(normalize_images(batch["image"]))
-  captions = batch["caption_ids"]
+  caption_features = model.encode_text(batch["caption_ids"])
   use_mcq = mcq_weight > 0
-  if use_mcq:
+  if use_mcq:  # options may be shorter than captions (see train_input.trim_text)
     b, o, length = batch["mcq_ids"].shape
-    texts = model.encode_text(
-        jnp.concatenate([captions, batch["mcq_ids"].reshape(b * o, length)]))
-    caption_features, option_features = texts[:b], texts[b:].reshape(b, o, -1)
-  else:
-    caption_features = model.encode_text(captions)
+    option_features = model.encode_text(batch["mcq_ids"].reshape(b * o, length))
+    option_features = option_features.reshape(b, o, -1)
   scale = model.temperature()
   contrastive = losses.contrastive_loss(images, caption_features, scale)
   mcq = (losses.mcq_loss(images, option_features, batch["mcq_answer"], scale)

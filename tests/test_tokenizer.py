@@ -122,6 +122,15 @@ def test_single_string_and_padding():
   assert tk.tokenize([]).shape == (0, 77)
 
 
+def test_used_length_is_through_the_last_eot_rounded_up():
+  ids = tk.tokenize(["a dog", "no cat on a red mat today"])  # 4 and 9 tokens with SOT/EOT
+  assert tk.used_length(ids, 1) == 9
+  assert tk.used_length(ids, 8) == 16 and tk.used_length(ids) == 16
+  assert tk.used_length(ids[:1], 8) == 8
+  assert tk.used_length(ids, 0) == 77 and tk.used_length(ids[:, :12], 8) == 12  # capped
+  assert tk.used_length(tk.tokenize(["dog"] * 3).reshape(1, 3, 77), 5) == 5  # any leading axes
+
+
 def test_bounded_cache_still_correct(oc, corpus, monkeypatch):
   monkeypatch.setattr(tk, "_MAX_CACHED_WORDS", 8)
   tok = tk.Tokenizer()

@@ -113,3 +113,33 @@ def test_logit_scale_is_clamped_and_no_decay_on_gains():
   assert float(jnp.abs(updates["visual"]["ln_pre"]["scale"][...]).max()) == 0.0
   assert float(jnp.abs(updates["logit_scale"][...]).max()) == 0.0
   assert float(jnp.abs(updates["visual"]["proj"][...]).max()) > 0.0
+
+
+def test_text_cut_to_the_batch_longest_gives_the_same_step():
+  """train_input.trim_text drops only padding after every text's EOT: same loss, same update."""
+  from negjax.data import train_input
+  model, optim, loss_cfg, batch = tiny_setup(batch_size=8)
+  rng = np.random.default_rng(3)
+  for key, longest in (("caption_ids", 11), ("mcq_ids", 6)):  # EOT at varied positions
+    ids = batch[key].reshape(-1, 16)
+    ends = rng.integers(1, longest, len(ids))
+    ends[0] = longest - 1
+    for row, end in zip(ids, ends):
+      row[end], row[end + 1:] = 49407, 0
+    batch[key] = ids.reshape(batch[key].shape)
+  cut = train_input.trim_text(batch, multiple=4)
+  assert cut["caption_ids"].shape == (8, 12) and cut["mcq_ids"].shape == (8, 4, 8)
+  assert train_input.trim_text(batch, multiple=0) is batch
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx, schedule = train_step.make_optimizer(optim, total_steps=10)
+  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+  results = []
+  for b in (batch, cut):
+    state, shardings = train_step.init_state(jax.tree.map(jnp.copy, params), tx, mesh)
+    step = train_step.make_train_step(graphdef, tx, schedule, loss_cfg, mesh, shardings)
+    for _ in range(2):
+      state, m = step(state, sharding.global_batch(b, mesh))
+    results.append((float(m["loss"]), state["params"]))
+  assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6)

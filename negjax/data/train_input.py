@@ -3,6 +3,7 @@
 shuffle (a new order each epoch) -> repeat -> this process's slice -> per-example caption
 choice and tokenization (seeded by index, so a restored iterator replays exactly) ->
 batch -> optional worker processes. The iterator's state goes into every checkpoint.
+`trim_text` then cuts each batch's text padding before it goes to the devices.
 """
 import dataclasses
 import glob
@@ -14,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from negjax.data import records
-from negjax.tokenizer import tokenize
+from negjax.tokenizer import tokenize, used_length
 
 CACHE_DIR = os.path.expanduser(os.environ.get("NEGJAX_CACHE", "~/.cache/negjax"))
 
@@ -84,3 +85,19 @@ def make_iterator(train_dir, data_config, global_batch_size, seed, image_size):
   if data_config.workers:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.workers))
   return iter(it)
+
+
+TEXT_FIELDS = ("caption_ids", "mcq_ids")
+
+
+def trim_text(batch, multiple):
+  """Cuts caption and option ids to the longest text of the *global* batch, rounded up to
+  `multiple` (0: keep the configured length). Exact (see `tokenizer.used_length`); every
+  process gets the same lengths, and each new length compiles the step once."""
+  if not multiple:
+    return batch
+  lengths = np.array([used_length(batch[k], multiple) for k in TEXT_FIELDS])
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    lengths = np.asarray(multihost_utils.process_allgather(lengths)).reshape(-1, 2).max(0)
+  return dict(batch, **{k: batch[k][..., :n] for k, n in zip(TEXT_FIELDS, lengths)})
