@@ -48,6 +48,8 @@ def get_config(preset: str = "shapes"):
   c.data.captions = ("negcap", "affirmative")  # pools a step's caption is drawn from
   c.data.text_length = 24  # tokens per caption (77 = CLIP's; shapes captions have <= 20)
   c.data.text_multiple = 8  # each batch's texts cut to its longest, rounded up to this (0: off)
+  c.data.fresh_mcq = False  # draw a new MCQ from the record's objects at every visit
+  c.data.mcq_answer_weights = placeholder(tuple)  # with fresh_mcq: (positive, negative, hybrid)
   c.data.workers = 0  # Grain worker processes (0: in the main process)
 
   c.loss = ml_collections.ConfigDict()

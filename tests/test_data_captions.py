@@ -71,6 +71,21 @@ def test_mcq_has_exactly_one_true_option_and_right_types():
   assert set(positions) == {0, 1, 2, 3} and min(positions.values()) > 80
 
 
+def test_mcq_answer_weights_pick_the_true_options_type():
+  counts = collections.Counter()
+  for present, absent, rng in _cases(150):
+    options, answer = captions.mcq(present, absent, rng, answer_weights=(0, 1, 0))
+    assert options[answer].kind == "negative" and options[answer].is_true(present)
+    assert [o.is_true(present) for o in options].count(True) == 1
+    options, answer = captions.mcq(present, absent, rng, answer_weights=(1, 2, 1))
+    counts[options[answer].kind] += 1
+  assert 0.4 < counts["negative"] / sum(counts.values()) < 0.6
+  for bad in ((1, 1), (1, -1, 1), (0, 0, 0)):
+    with pytest.raises(ValueError, match="answer_weights"):
+      captions.mcq(("red circle",), ("blue star", "red star"), np.random.default_rng(0),
+                   answer_weights=bad)
+
+
 def test_same_seed_same_captions_different_seed_differs():
   present, absent = ("red circle", "blue star"), ("green ring", "red star", "blue circle")
   a = captions.annotate(present, absent, captions.caption_rng(0, 0, 7))

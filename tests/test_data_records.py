@@ -104,6 +104,32 @@ def test_shards_round_trip_through_grain(built):
   assert batch["image"].shape == (4, 64, 64, 3) and batch["mcq_options"].shape == (4, 4)
 
 
+def test_fresh_mcq_draws_new_true_questions_from_the_records_objects(built):
+  """data.fresh_mcq: a new MCQ per visit, its answer a true option of the weighted type."""
+  from negjax.data import train_input
+  from negjax.tokenizer import get_tokenizer
+  config, _ = built["one"]
+  source = records.training_source(os.path.join(config.out, "train"))
+  fresh = train_input.TrainingExample(("negcap",), 24, 64, fresh_mcq=True,
+                                      mcq_answer_weights=(0, 1, 0))
+  decode = get_tokenizer().decode
+  changed = 0
+  for index in range(len(source)):
+    example = source[index]
+    absent, present = example["absent"].split(";"), example["present"].split(";")
+    first, second = (fresh.random_map(example, np.random.default_rng((index, v))) for v in (0, 1))
+    for out in (first, second):
+      options = [decode(ids).strip() for ids in out["mcq_ids"]]
+      true = options[out["mcq_answer"]]
+      assert true.startswith("this image does not feature ")
+      assert true.split(" feature ", 1)[1].split(" ", 1)[1] in absent
+      for option in options:  # no negative option negates an absent object but the answer
+        if option != true and option.startswith("this image does not feature "):
+          assert option.split(" feature ", 1)[1].split(" ", 1)[1] in present
+    changed += not np.array_equal(first["mcq_ids"], second["mcq_ids"])
+  assert changed >= len(source) // 2
+
+
 def test_source_imports_its_decoder_in_the_constructing_thread(built, run_without_torch):
   """tensorflow_datasets swaps `builtins.__import__` while it imports; done first in a Grain
   prefetch thread, that raced Orbax restore threads (a resumed run failed 2 times in 12)."""

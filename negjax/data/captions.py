@@ -162,9 +162,17 @@ def _false_option(kind, present, absent, rng):
   return _option(kind, (a,), b)  # one side is wrong: a absent, or b present
 
 
-def mcq(present, absent, rng, max_tries=20):
-  """4 options: one true (uniform template type) and a false one of every type, shuffled."""
-  answer_type = MCQ_TYPES[int(rng.integers(len(MCQ_TYPES)))]
+def mcq(present, absent, rng, max_tries=20, answer_weights=None):
+  """4 options: one true and a false one of every type, shuffled. The true option's type is
+  uniform, or drawn with `answer_weights` (one per MCQ_TYPES entry)."""
+  if answer_weights is None:
+    answer_type = MCQ_TYPES[int(rng.integers(len(MCQ_TYPES)))]
+  else:
+    p = np.asarray(answer_weights, np.float64)
+    if p.shape != (len(MCQ_TYPES),) or (p < 0).any() or not p.sum() > 0:
+      raise ValueError(f"answer_weights must be {len(MCQ_TYPES)} non-negative weights for "
+                       f"{MCQ_TYPES}, got {answer_weights!r}")
+    answer_type = MCQ_TYPES[int(rng.choice(len(MCQ_TYPES), p=p / p.sum()))]
   true = _true_option(answer_type, present, absent, rng)
   options = [true]
   for kind in MCQ_TYPES:

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from negjax.data import records
+from negjax.data import captions, records
 from negjax.tokenizer import tokenize, used_length
 
 CACHE_DIR = os.path.expanduser(os.environ.get("NEGJAX_CACHE", "~/.cache/negjax"))
@@ -47,26 +47,37 @@ def prepare(data_config, seed: int) -> TrainingData:
 
 
 class TrainingExample(grain.transforms.RandomMap):
-  """One record -> image, one caption drawn from the configured pools, tokenized MCQ."""
+  """One record -> image, one caption drawn from the configured pools, tokenized MCQ.
 
-  def __init__(self, pools, text_length, image_size):
+  With `fresh_mcq`, the MCQ is drawn anew from the record's present and absent objects at
+  every visit (the data engine's own `captions.mcq`, true-option types weighted by
+  `mcq_answer_weights`) instead of the stored one: more distinct questions per image."""
+
+  def __init__(self, pools, text_length, image_size, fresh_mcq=False, mcq_answer_weights=None):
     self.pools = tuple(pools)
     self.text_length = text_length
     self.image_size = image_size
+    self.fresh_mcq = fresh_mcq
+    self.mcq_answer_weights = mcq_answer_weights
 
   def random_map(self, example, rng: np.random.Generator):
-    captions = [c for pool in self.pools for c in example[pool]]
-    caption = captions[rng.integers(len(captions))]
+    pooled = [c for pool in self.pools for c in example[pool]]
+    caption = pooled[rng.integers(len(pooled))]
     image = example["image"]
     if image.shape[:2] != (self.image_size, self.image_size):
       image = np.asarray(Image.fromarray(image).resize(
           (self.image_size, self.image_size), Image.BICUBIC))
-    options = list(example["mcq_options"])
+    if self.fresh_mcq:
+      present, absent = (example[k].split(";") for k in ("present", "absent"))
+      drawn, answer = captions.mcq(present, absent, rng, answer_weights=self.mcq_answer_weights)
+      options = [o.text for o in drawn]
+    else:
+      options, answer = list(example["mcq_options"]), example["mcq_answer"]
     return {
         "image": image,
         "caption_ids": tokenize([caption], self.text_length)[0],
         "mcq_ids": tokenize(options, self.text_length),
-        "mcq_answer": np.int32(example["mcq_answer"]),
+        "mcq_answer": np.int32(answer),
     }
 
 
@@ -75,8 +86,11 @@ def make_iterator(train_dir, data_config, global_batch_size, seed, image_size):
   source = records.training_source(train_dir)
   n_proc = jax.process_count()
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-  ds = ds.random_map(TrainingExample(data_config.captions, data_config.text_length,
-                                     image_size), seed=seed)
+  fresh, weights = data_config.get("fresh_mcq", False), data_config.get("mcq_answer_weights")
+  if weights and not fresh:
+    raise ValueError("data.mcq_answer_weights applies to drawn MCQs: set data.fresh_mcq=True")
+  ds = ds.random_map(TrainingExample(data_config.captions, data_config.text_length, image_size,
+                                     fresh, tuple(weights) if weights else None), seed=seed)
   # Sliced after the random map (lazily: each process computes only its own share), so the
   # global stream of examples is the same for any number of processes.
   ds = ds[jax.process_index()::n_proc]
