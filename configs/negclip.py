@@ -48,8 +48,8 @@ def get_config(preset: str = "shapes"):
   c.data.captions = ("negcap", "affirmative")  # pools a step's caption is drawn from
   c.data.text_length = 24  # tokens per caption (77 = CLIP's; shapes captions have <= 20)
   c.data.text_multiple = 8  # each batch's texts cut to its longest, rounded up to this (0: off)
-  c.data.fresh_mcq = False  # draw a new MCQ from the record's objects at every visit
-  c.data.mcq_answer_weights = placeholder(tuple)  # with fresh_mcq: (positive, negative, hybrid)
+  c.data.fresh_mcq = True  # draw a new MCQ from the record's objects at every visit
+  c.data.mcq_answer_weights = (1.0, 3.0, 1.0)  # true option's type: positive, negative, hybrid
   c.data.workers = 0  # Grain worker processes (0: in the main process)
 
   c.loss = ml_collections.ConfigDict()
@@ -65,7 +65,7 @@ def get_config(preset: str = "shapes"):
   c.optim.grad_clip = 1.0
 
   c.batch_size = 32  # global, over all devices and hosts; small: more updates per minute
-  c.total_steps = 640
+  c.total_steps = 1000
   c.log_every = 10
   c.checkpoint_every = 200
   c.keep_checkpoints = 2
@@ -88,6 +88,7 @@ def get_config(preset: str = "shapes"):
     c.workdir = "runs/negclip-vitb32"
     c.model.init = "openai:ViT-B-32"
     c.data.captions = ("negcap",)
+    c.data.fresh_mcq, c.data.mcq_answer_weights = False, None  # the released NegMCQ as is
     c.data.text_length = 77
     c.loss.contrastive_weight, c.loss.mcq_weight = 0.99, 0.01
     c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 1e-8, 50, 0.1

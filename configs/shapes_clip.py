@@ -31,6 +31,7 @@ def get_config():
   c.data.shapes.train_size = 30_000
   c.data.shapes.eval_size = 1_000
   c.data.captions = ("affirmative",)
+  c.data.fresh_mcq, c.data.mcq_answer_weights = False, None  # no MCQ loss here
   c.data.text_length = 24  # affirmative shapes captions have <= 20 tokens
   c.loss.contrastive_weight, c.loss.mcq_weight = 1.0, 0.0
   c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 1e-3, 50, 0.1

@@ -128,6 +128,11 @@ def test_fresh_mcq_draws_new_true_questions_from_the_records_objects(built):
           assert option.split(" feature ", 1)[1].split(" ", 1)[1] in present
     changed += not np.array_equal(first["mcq_ids"], second["mcq_ids"])
   assert changed >= len(source) // 2
+  import ml_collections
+  stored_only = ml_collections.ConfigDict(dict(captions=("negcap",), text_length=24,
+                                               fresh_mcq=False, mcq_answer_weights=(0, 1, 0)))
+  with pytest.raises(ValueError, match="fresh_mcq"):
+    train_input.make_iterator(os.path.join(config.out, "train"), stored_only, 4, 0, 64)
 
 
 def test_source_imports_its_decoder_in_the_constructing_thread(built, run_without_torch):
