@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from negjax import metrics
+from negjax import metrics, sharding
 from negjax.data import eval_input, negbench
 from negjax.tokenizer import tokenize, used_length
 
@@ -36,14 +36,6 @@ class Encoders:
 
   def text(self, ids):
     return self._text(self.state, ids)
-
-
-def _gather(x):
-  """Concatenates this array across processes (identity on one host)."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def encode_media(enc, paths, batch_size, frames=1, workers=0, desc=None):
@@ -67,8 +59,9 @@ def encode_media(enc, paths, batch_size, frames=1, workers=0, desc=None):
     feats.append(x.reshape(b, f, -1).mean(1))  # video: mean of frame embeddings
     index.append(batch["index"])
     status.append(batch["status"])
-  feats = _gather(jnp.concatenate(feats))
-  index, status = _gather(np.concatenate(index)), _gather(np.concatenate(status))
+  # each process's share, concatenated over processes
+  feats = np.asarray(sharding.to_host(jnp.concatenate(feats)))
+  index, status = (np.asarray(sharding.to_host(np.concatenate(x))) for x in (index, status))
   out = np.zeros((len(paths), feats.shape[1]), np.float32)
   ok = np.zeros(len(paths), bool)
   real = index >= 0

@@ -76,8 +76,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def to_host(tree):
-  """Global jax.Arrays -> their full values as NumPy on this process. On several hosts this
-  is a collective: every process must call it."""
+  """Global jax.Arrays -> their full values as NumPy on this process; process-local arrays ->
+  concatenated over processes. On several hosts this is a collective: every process must call
+  it."""
   if jax.process_count() == 1:
     return jax.device_get(tree)
   from jax.experimental import multihost_utils

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from negjax import sharding
 from negjax.data import captions, records
 from negjax.tokenizer import tokenize, used_length
 
@@ -111,7 +112,5 @@ def trim_text(batch, multiple):
   if not multiple:
     return batch
   lengths = np.array([used_length(batch[k], multiple) for k in TEXT_FIELDS])
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    lengths = np.asarray(multihost_utils.process_allgather(lengths)).reshape(-1, 2).max(0)
+  lengths = np.asarray(sharding.to_host(lengths)).reshape(-1, len(TEXT_FIELDS)).max(0)
   return dict(batch, **{k: batch[k][..., :n] for k, n in zip(TEXT_FIELDS, lengths)})
