@@ -1,0 +1,86 @@
+"""How every negjax command ends: a user's mistake is one `error: ...` line and exit 2.
+
+A mistake is a bad flag or config (typo, wrong type, missing `--config`), a malformed
+input file, an unusable checkpoint, an unwritable folder: anything raised as `UserError`
+or one of the error classes in `user_errors()`. Anything else is a bug and keeps its
+traceback. `--debug` on the command line, or NEGJAX_DEBUG=1, shows the traceback for a
+user error too.
+"""
+import os
+import sys
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+  """A problem the user can fix; its message says what and where."""
+
+
+def user_errors() -> tuple:
+  """Exception classes that mean "the input is wrong", not "negjax is wrong"."""
+  from negjax.data.annotations import AnnotationError
+  from negjax.data.negbench import NegBenchFormatError
+  from negjax.models.checkpoints import CheckpointError
+  return (UserError, AnnotationError, NegBenchFormatError, CheckpointError,
+          FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+          UnicodeDecodeError)
+
+
+def debugging(argv=None) -> bool:
+  argv = sys.argv if argv is None else argv
+  return "--debug" in argv or os.environ.get("NEGJAX_DEBUG", "") not in ("", "0")
+
+
+def fail(message) -> None:
+  """Ends the process with one `error:` line on stderr and exit status 2."""
+  text = " ".join(str(message).split("\n")[0].split()) or "unknown error"
+  print(f"error: {text}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def parse_flags(argv, required=("config",)):
+  """absl/ml_collections flag parsing whose failures are one line (exit 2), not absl's
+  usage dump or a traceback from inside the config machinery."""
+  from absl import flags
+  argv = [a for a in argv if a != "--debug"]
+  try:
+    rest = flags.FLAGS(argv)
+  except Exception as e:  # flags.Error, and the KeyError/AttributeError of a config typo
+    if debugging():
+      raise
+    message = str(e)
+    if isinstance(e, (KeyError, AttributeError)) and e.args:  # a typo in a config key
+      message = str(e.args[0]).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+    fail(f"bad command line: {message}")
+  for name in required:
+    value = flags.FLAGS[name].value
+    if value is None:
+      fail(f"--{name} is required (e.g. --{name} configs/NAME.py)")
+    if type(value).__name__ == "_ErrorConfig":  # ml_collections' stand-in for a failed load
+      path = _flag_argument(argv, name)
+      if path and not os.path.exists(path.split(":")[0]):
+        fail(f"--{name}: no such config file: {path.split(':')[0]}")
+      error = value._error
+      fail(f"--{name}: cannot load the config file {path}: {error.__cause__ or error}")
+  return rest
+
+
+def _flag_argument(argv, name):
+  for i, a in enumerate(argv):
+    if a in (f"--{name}", f"-{name}") and i + 1 < len(argv):
+      return argv[i + 1]
+    if a.startswith((f"--{name}=", f"-{name}=")):
+      return a.split("=", 1)[1]
+  return None
+
+
+def run(main, argv=None, required=("config",)) -> None:
+  """Parses flags, runs `main(argv)`, and turns user errors into one line and exit 2."""
+  argv = list(sys.argv if argv is None else argv)
+  rest = parse_flags(argv, required)
+  try:
+    main(rest)
+  except user_errors() as e:
+    if debugging(argv):
+      raise
+    fail(e)
