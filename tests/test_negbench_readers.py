@@ -88,6 +88,44 @@ def test_captions_are_parsed_as_literals_only(tmp_path, cell):
     negbench.read(f)
 
 
+@pytest.mark.parametrize("header, message", [
+    # 4 options and no template: not a binary MCQ (that is exactly caption_0, caption_1)
+    (MCQ_HEADER[:-1], r"4 options .* no correct_answer_template"),
+    (["image_path", "caption_0", "caption_1", "caption_2", "correct_answer"],
+     r"3 options .* no correct_answer_template"),
+    (["image_path", "caption_0", "caption_1"], r"needs column\(s\) correct_answer"),
+    (["caption_0", "caption_1", "correct_answer"], r"needs column\(s\) image_path"),
+    (["image_path", "caption_0", "caption_1", "caption_3", "correct_answer",
+      "correct_answer_template"], r"has caption_3 but no caption_2"),
+    (["image", "captions"], r"needs a media path column"),
+])
+def test_incomplete_headers_name_the_missing_column(tmp_path, header, message):
+  f = _write(tmp_path / "x.csv", header, [["a"] * len(header)])
+  with pytest.raises(negbench.NegBenchFormatError, match=r"x\.csv: .*" + message):
+    negbench.read(f)
+  with pytest.raises(negbench.NegBenchFormatError, match=message):  # not silently left out
+    negbench.find_files(str(tmp_path))
+
+
+def test_partial_option_type_columns_are_an_error(tmp_path):
+  f = _write(tmp_path / "s.csv", MCQ_HEADER + ["caption_0_type", "caption_1_type"],
+             [["a.png", "a", "b", "c", "d", 1, "negative", "positive", "negative"]])
+  with pytest.raises(negbench.NegBenchFormatError, match="caption_2_type, caption_3_type"):
+    negbench.read(f)
+
+
+def test_utf8_bom_is_read_and_other_encodings_are_refused(tmp_path):
+  text = "image_path,caption_0,caption_1,correct_answer\nc.jpg,un caf\u00e9,no caf\u00e9,1\n"
+  (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+  ds = negbench.read(str(tmp_path / "bom.csv"))
+  assert ds.kind == "binary_mcq" and ds.options == [["un caf\u00e9", "no caf\u00e9"]]
+  assert negbench.find_files(str(tmp_path)) == [str(tmp_path / "bom.csv")]
+  (tmp_path / "latin1.csv").write_bytes(text.encode("latin-1"))
+  with pytest.raises(negbench.NegBenchFormatError,
+                     match=r"latin1\.csv:2: not UTF-8 text \(byte 0xe9"):
+    negbench.read(str(tmp_path / "latin1.csv"))
+
+
 def test_empty_files_are_errors(tmp_path):
   (tmp_path / "empty.csv").write_text("")
   with pytest.raises(negbench.NegBenchFormatError, match="empty"):

@@ -1,15 +1,19 @@
 """Readers for the official NegBench CSV files, and video frame sampling.
 
-The task is inferred from the header: `captions` + a path column -> retrieval;
-`caption_0..caption_{k}` + `correct_answer` + `correct_answer_template` -> MCQ;
-the same without a template column -> binary MCQ (CheXpert). A path with a video
-extension makes it the video variant. Every malformed row stops reading with an error
-naming the file and line, because a silently dropped question changes the metric.
+The task is decided by the full column set: `captions` + a path column -> retrieval;
+`caption_0..caption_{k}` + `image_path` + `correct_answer` + `correct_answer_template`
+-> MCQ; exactly `caption_0`, `caption_1` without a template column -> binary MCQ
+(CheXpert). Anything in between (e.g. 4 options and no template column) is an error
+naming the missing column, never a guess. A path with a video extension makes it the
+video variant. Files are UTF-8 (a BOM is fine). Every malformed row stops reading with
+an error naming the file and line, because a silently dropped question changes the metric.
 """
 import ast
 import csv
 import dataclasses
+import io
 import os
+import re
 
 import numpy as np
 
@@ -49,34 +53,81 @@ def is_video(path):
   return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
 
 
-def detect_kind(header):
-  """'mcq', 'binary_mcq', 'retrieval' or None (not a NegBench file) from the columns;
-  the video variants are decided later from the paths."""
+def detect_kind(header, file="CSV"):
+  """'mcq', 'binary_mcq', 'retrieval', or None when no NegBench column is there (not a
+  NegBench file). A header with some NegBench columns but not a complete set raises,
+  naming what is missing. The video variants are decided later from the paths."""
   columns = set(header)
-  if "captions" in columns and any(c in columns for c in PATH_COLUMNS):
+  if "captions" in columns:
+    if not any(c in columns for c in PATH_COLUMNS):
+      raise NegBenchFormatError(f"{file}: a retrieval file (it has `captions`) needs a media "
+                                f"path column: one of {', '.join(PATH_COLUMNS)}")
     return "retrieval"
-  if {"image_path", "caption_0", "caption_1", "correct_answer"} <= columns:
-    return "mcq" if "correct_answer_template" in columns else "binary_mcq"
-  return None
+  if not any(c.startswith("caption_") for c in columns) and "correct_answer" not in columns:
+    return None
+  n = _num_options(header)
+  missing = [c for c in ("image_path", "caption_0", "caption_1", "correct_answer")
+             if c not in columns]
+  if missing:
+    raise NegBenchFormatError(f"{file}: an MCQ file needs column(s) {', '.join(missing)}")
+  extra = sorted(c for c in columns if re.fullmatch(r"caption_\d+", c)
+                 and int(c.split("_")[1]) >= n)
+  if extra:
+    raise NegBenchFormatError(f"{file}: has {extra[0]} but no caption_{n} (options must be "
+                              "caption_0, caption_1, ... without gaps)")
+  if "correct_answer_template" in columns:
+    return "mcq"
+  if n == 2:
+    return "binary_mcq"
+  raise NegBenchFormatError(f"{file}: {n} options (caption_0..caption_{n - 1}) but no "
+                            "correct_answer_template column; only a 2-option file without it "
+                            "is a binary MCQ")
+
+
+def _num_options(header):
+  n = 0
+  while f"caption_{n}" in header:
+    n += 1
+  return n
+
+
+def _decode(file, raw=None):
+  """The text of a UTF-8 CSV (a leading BOM is dropped); other encodings are refused with
+  the line of the first bad byte, since a guessed encoding would change captions."""
+  if raw is None:
+    try:
+      with open(file, "rb") as f:
+        raw = f.read()
+    except OSError as e:
+      raise NegBenchFormatError(f"{file}: cannot read: {e}") from e
+  try:
+    return raw.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    line = raw[:e.start].count(b"\n") + 1
+    raise NegBenchFormatError(
+        f"{file}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+        "save the file as UTF-8") from None
 
 
 def _header(path):
-  with open(path, newline="", encoding="utf-8") as f:
-    return next(csv.reader(f), None)
+  with open(path, "rb") as f:
+    first = f.readline(1 << 20)
+  try:
+    return next(csv.reader([_decode(path, first)]), None)
+  except csv.Error as e:
+    raise NegBenchFormatError(f"{path}:1: malformed CSV header: {e}") from e
 
 
 def find_files(data_root):
-  """Every CSV under `data_root` whose header makes it a NegBench file, sorted."""
+  """Every CSV under `data_root` whose header makes it a NegBench file, sorted. A CSV that
+  cannot be decoded or has an incomplete NegBench header raises rather than being left out."""
   found = []
   for folder, _, names in os.walk(data_root):
     for name in names:
       if name.lower().endswith(".csv"):
         path = os.path.join(folder, name)
-        try:
-          if detect_kind(_header(path) or []):
-            found.append(path)
-        except (OSError, UnicodeDecodeError, csv.Error):
-          continue
+        if detect_kind(_header(path) or [], path):
+          found.append(path)
   return sorted(found)
 
 
@@ -110,30 +161,25 @@ def read(file, data_root=None):
   """Reads one NegBench CSV. Relative media paths are joined to `data_root` (default: the
   CSV's own folder). Returns a McqSet or RetrievalSet."""
   root = data_root if data_root is not None else os.path.dirname(os.path.abspath(file))
+  reader = csv.reader(io.StringIO(_decode(file), newline=""))
   try:
-    f = open(file, newline="", encoding="utf-8")
-  except OSError as e:
-    raise NegBenchFormatError(f"{file}: cannot read: {e}") from e
-  with f:
-    reader = csv.reader(f)
-    try:
-      header = next(reader, None)
-      if not header:
-        raise NegBenchFormatError(f"{file}: empty file (no header row)")
-      kind = detect_kind(header)
-      if kind is None:
-        raise NegBenchFormatError(f"{file}: columns {header} are not a NegBench MCQ or "
-                                  "retrieval file")
-      rows = []
-      for row in reader:
-        if not row:  # a blank line
-          continue
-        where = f"{file}:{reader.line_num}"
-        if len(row) != len(header):
-          raise NegBenchFormatError(f"{where}: {len(row)} columns, header has {len(header)}")
-        rows.append((where, reader.line_num, dict(zip(header, row))))
-    except csv.Error as e:
-      raise NegBenchFormatError(f"{file}:{reader.line_num}: malformed CSV: {e}") from e
+    header = next(reader, None)
+    if not header:
+      raise NegBenchFormatError(f"{file}: empty file (no header row)")
+    kind = detect_kind(header, file)
+    if kind is None:
+      raise NegBenchFormatError(f"{file}: columns {header} are not a NegBench MCQ or "
+                                "retrieval file")
+    rows = []
+    for row in reader:
+      if not row:  # a blank line
+        continue
+      where = f"{file}:{reader.line_num}"
+      if len(row) != len(header):
+        raise NegBenchFormatError(f"{where}: {len(row)} columns, header has {len(header)}")
+      rows.append((where, reader.line_num, dict(zip(header, row))))
+  except csv.Error as e:
+    raise NegBenchFormatError(f"{file}:{reader.line_num}: malformed CSV: {e}") from e
   if not rows:
     raise NegBenchFormatError(f"{file}: empty file (a header but no rows)")
   if kind == "retrieval":
@@ -150,10 +196,13 @@ def _retrieval(file, header, rows, root):
 
 
 def _mcq(file, header, rows, root, kind):
-  n_options = 0
-  while f"caption_{n_options}" in header:
-    n_options += 1
-  typed = all(f"caption_{i}_type" in header for i in range(n_options))
+  n_options = _num_options(header)
+  type_columns = [f"caption_{i}_type" for i in range(n_options)]
+  typed = [c in header for c in type_columns]
+  if any(typed) and not all(typed):
+    raise NegBenchFormatError(f"{file}: option type columns are incomplete: missing "
+                              f"{', '.join(c for c, t in zip(type_columns, typed) if not t)}")
+  typed = all(typed)
   paths, options, answer, qtype, otypes = [], [], [], [], []
   for where, _, r in rows:
     try:
