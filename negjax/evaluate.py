@@ -108,7 +108,7 @@ def evaluate_retrieval(enc, ds, batch_size, workers=0, progress=True):
   texts = [c for i in kept for c in ds.captions[i]]
   owner = np.repeat(np.arange(len(kept)), [len(ds.captions[i]) for i in kept])
   text = encode_texts(enc, texts, batch_size)
-  out = metrics.recall_at_k(*metrics.retrieval_ranks(text, image[kept], owner))
+  out = metrics.recall_at_k(metrics.retrieval_ranks(text, image[kept], owner))
   out.update(kind=ds.kind, num_items=int(len(kept)), num_captions=len(texts),
              num_skipped_images=len(skipped), skipped_images=skipped)
   return out
