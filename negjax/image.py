@@ -6,6 +6,9 @@ Reproduces `open_clip.image_transform(size, is_train=False)` (torchvision
 resize runs in the image's own mode (so alpha is premultiplied and palette
 images use nearest, as PIL does), and RGB conversion comes after the crop.
 Output is channels-last float32 [size, size, 3], the layout the JAX model takes.
+
+Video frames take another path, `preprocess_frame`: the official NegBench video transform
+works on float tensors (torch's antialiased bicubic resize straight to size x size).
 """
 import os
 import threading
@@ -99,6 +102,71 @@ def _pil_from_uint8(array):
 def preprocess_uint8(array, size=224):
   """`preprocess` for an already-decoded uint8 image array (HW or HWC)."""
   return preprocess(np.asarray(array), size)
+
+
+# ----------------------------------------------------------------- video frames
+
+
+def _cubic(x):
+  """Keys' cubic convolution kernel, a = -0.5 (torch's and PIL's bicubic), in float32."""
+  x = np.abs(x).astype(np.float32)
+  a = np.float32(-0.5)
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.where(x < 1, near, np.where(x < 2, far, 0)).astype(np.float32)
+
+
+def _resize_weights(in_size, out_size):
+  """[out_size, in_size] float32 weights of torch's antialiased bicubic resize on one axis.
+
+  The rule torch (and PIL) use: output pixel i is centred at (i + 0.5) * scale; when
+  shrinking, the kernel is stretched by the scale so every input pixel counts; the taps
+  are cut to the input and to [trunc(centre - support + 0.5), trunc(centre + support +
+  0.5)); each row is normalised to sum 1 (that is also the border rule). The arithmetic
+  is torch's for float32 images, step by step: its float32 centres are off by up to
+  3e-5 at x = 300, which moves pixels by ~1e-5, more than the tolerance we test.
+  """
+  f32, f64 = np.float32, np.float64
+  scale = f32(in_size) / f32(out_size)
+  support = f32(2 * f64(scale)) if scale >= 1 else f32(2)
+  invscale = f32(1 / f64(scale)) if scale >= 1 else f32(1)
+  centre = (f64(scale) * (np.arange(out_size) + 0.5)).astype(f32)
+  first = np.maximum(((centre - support).astype(f64) + 0.5).astype(np.int64), 0)
+  stop = np.minimum(((centre + support).astype(f64) + 0.5).astype(np.int64), in_size)
+  j = np.arange(in_size)
+  x = ((j[None, :].astype(f32) - centre[:, None]).astype(f64) + 0.5) * f64(invscale)
+  weights = np.where((j >= first[:, None]) & (j < stop[:, None]), _cubic(x), f32(0))
+  return weights / weights.sum(1, keepdims=True, dtype=f32)
+
+
+def resize_bicubic(x, height, width):
+  """Float image [H, W, C] -> [height, width, C], as torch's
+  `interpolate(mode="bicubic", antialias=True, align_corners=False)` on a float tensor:
+  no clamping and no rounding, so values may overshoot [0, 1] near edges."""
+  rows = _resize_weights(x.shape[0], height).astype(np.float64)  # [height, H]
+  cols = _resize_weights(x.shape[1], width).astype(np.float64)  # [width, W]
+  y = (rows @ x.reshape(x.shape[0], -1)).reshape(height, x.shape[1], -1)
+  return np.matmul(cols, y).astype(np.float32)  # [height, width, C]
+
+
+def preprocess_frame(frame, size=224):
+  """A decoded video frame as the official NegBench video transform makes it, float32
+  [size, size, 3]: uint8 -> float in [0, 1], antialiased bicubic resize of the float
+  image to size x size, normalise.
+
+  Unlike `preprocess` (images), the official video transform resizes to the model's
+  (size, size) input directly (open_clip gives it the size as a pair, so the aspect ratio
+  is not kept and its centre crop has nothing left to cut), and nothing is rounded back
+  to uint8 after the resize.
+  """
+  frame = np.asarray(frame)
+  if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+    raise ValueError(f"expected an RGB uint8 frame [H, W, 3], got {frame.dtype} {frame.shape}")
+  x = frame.astype(np.float32) / np.float32(255)
+  if x.shape[:2] != (size, size):  # torchvision returns the frame unchanged at that size
+    x = resize_bicubic(x, size, size)
+  mean, std = np.asarray(OPENAI_MEAN, np.float32), np.asarray(OPENAI_STD, np.float32)
+  return (x - mean) / std
 
 
 def _bomb_error(path, pixels, limit):
