@@ -232,26 +232,50 @@ def _mcq(file, header, rows, root, kind):
                 [line for _, line, _ in rows])
 
 
+def frame_indices(count, num_frames=FRAMES_PER_VIDEO):
+  """Which frames of a `count`-frame clip the official code embeds: min(num_frames, count)
+  of them, at the midpoints of equal intervals of [0, count - 1], computed as it does:
+  interval edges from torch's linspace cast to int (truncated), midpoints rounded half to
+  even. 31 -> [4, 11, 18, 26]; 4 -> [0, 0, 2, 2]; 2 -> [0, 0]. Repeats are kept: they
+  weigh in the mean."""
+  k = min(num_frames, count)
+  i = np.arange(k + 1)
+  step = (count - 1) / k
+  # torch's linspace: the first half counts up from the start, the rest down from the end
+  edges = np.where(i < (k + 1) // 2, step * i, (count - 1) - step * (k - i)).astype(np.int64)
+  return np.round((edges[:-1] + edges[1:]) / 2).astype(np.int64)
+
+
 def video_frames(path, num_frames=FRAMES_PER_VIDEO):
-  """`num_frames` RGB uint8 frames sampled uniformly over the clip (first to last), PyAV."""
+  """The frames of a video file that the official code embeds, RGB uint8 [H, W, 3] at
+  `frame_indices(count)`, where count is the number of packets of the video stream (what
+  decord, the official reader, counts; container metadata may be missing or wrong).
+
+  Decodes once from the start and stops after the last wanted frame. A clip that decodes
+  to fewer frames than it has packets, or that is stored rotated, is refused with an
+  error naming the file (the official reader would give other pixels; we never guess).
+  """
   import av
   with av.open(path) as container:
-    stream = container.streams.video[0]
-    total = stream.frames
-    if not total:  # the container does not say: count by decoding
-      total = sum(1 for _ in container.decode(stream))
-      container.seek(0)
-    if total < 1:
-      raise ValueError(f"{path}: video has no frames")
-    wanted = np.linspace(0, total - 1, num_frames).round().astype(int)
-    frames = {}
-    for i, frame in enumerate(container.decode(stream)):
-      if i in wanted:
+    if not container.streams.video:
+      raise ValueError(f"{path}: no video stream")
+    count = sum(1 for packet in container.demux(video=0) if packet.size)
+  if not count:
+    raise ValueError(f"{path}: video has no frames")
+  wanted = frame_indices(count, num_frames)
+  wanted_set, last = set(wanted.tolist()), int(wanted[-1])
+  frames, decoded = {}, 0
+  with av.open(path) as container:
+    for i, frame in enumerate(container.decode(video=0)):
+      decoded = i + 1
+      if i in wanted_set:
+        if frame.rotation:
+          raise ValueError(f"{path}: video is stored rotated ({frame.rotation} degrees); "
+                           "rotated videos are not supported")
         frames[i] = frame.to_ndarray(format="rgb24")
-      if i >= wanted[-1]:
+      if i == last:
         break
-  if not frames:
-    raise ValueError(f"{path}: no frame could be decoded")
-  # Metadata may overstate the frame count: fall back to the last frame decoded.
-  fallback = frames[max(frames)]
-  return [frames.get(i, fallback) for i in wanted]
+  if last not in frames:
+    raise ValueError(f"{path}: video has {count} packets but only {decoded} frames decode; "
+                     f"frame {last} is needed")
+  return [frames[i] for i in wanted]
