@@ -13,13 +13,15 @@ import jax
 import numpy as np
 
 from negjax.data import negbench
-from negjax.image import open_image, preprocess
+from negjax.image import open_image, preprocess, preprocess_frame
 
 OK, UNREADABLE, BOMB, PADDING = 0, 1, 2, 3
 
 
 class LoadMedia(grain.transforms.Map):
-  """Item index -> {"image": float32 [frames, size, size, 3], "index", "status", "error"}."""
+  """Item index -> {"image": float32 [frames, size, size, 3], "frames" (how many of them
+  are real: a clip shorter than `frames` has fewer, zero-padded), "index", "status",
+  "error"}."""
 
   def __init__(self, paths, image_size, frames):
     self.paths = paths
@@ -28,17 +30,20 @@ class LoadMedia(grain.transforms.Map):
 
   def map(self, index):
     shape = (self.frames, self.image_size, self.image_size, 3)
-    out = {"index": np.int32(index), "status": np.int32(OK), "error": ""}
+    out = {"index": np.int32(index), "status": np.int32(OK), "error": "", "frames": np.int32(0)}
     if index >= len(self.paths):
       out.update(image=np.zeros(shape, np.float32), status=np.int32(PADDING), index=np.int32(-1))
       return out
     path = self.paths[index]
     try:
-      if negbench.is_video(path):
-        pixels = [preprocess(f, self.image_size) for f in negbench.video_frames(path, self.frames)]
+      if negbench.is_video(path):  # the official video transform, not the image one
+        pixels = [preprocess_frame(f, self.image_size)
+                  for f in negbench.video_frames(path, self.frames)]
       else:
         pixels = [preprocess(open_image(path), self.image_size)] * self.frames
-      out["image"] = np.stack(pixels).astype(np.float32)
+      image = np.zeros(shape, np.float32)
+      image[:len(pixels)] = pixels
+      out.update(image=image, frames=np.int32(len(pixels)))
     except Exception as e:  # every reason a file cannot be used is reported, not raised here
       message = str(e) or type(e).__name__
       out.update(image=np.zeros(shape, np.float32), error=message,
