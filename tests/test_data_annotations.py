@@ -90,7 +90,7 @@ def write_images(tmp_path, names):
 
 
 def test_csv_is_read_and_bad_rows_listed(tmp_path):
-  write_images(tmp_path, ["a.png", "b.png", "c.png", "d.png"])
+  write_images(tmp_path, ["a.png", "b.png", "c.png", "d.png", "e.png"])
   (tmp_path / "objs.csv").write_text(
       "image_path,positive_objects,negative_objects\n"
       "a.png,dog; frisbee ,cat;horse\n"
@@ -98,7 +98,7 @@ def test_csv_is_read_and_bad_rows_listed(tmp_path):
       "c.png,,cat\n"
       "d.png,dog,dog\n"
       "missing.png,dog,\n"
-      "\"b.png\",\"red car;blue bus\",\"green, striped cat\"\n")
+      "\"e.png\",\"red car;blue bus\",\"green, striped cat\"\n")
   ann = annotations.read_csv(tmp_path / "objs.csv")
   assert [i.key for i in ann.items] == ["row 2", "row 3", "row 7"]
   assert ann.items[0].present == ("dog", "frisbee") and ann.items[0].absent == ("cat", "horse")
@@ -127,3 +127,31 @@ def test_csv_malformed_names_file_and_row(tmp_path):
       "image_path,positive_objects,negative_objects\na.png,dog,cat\nb.png,dog,cat,extra\n")
   with pytest.raises(annotations.AnnotationError, match="ragged.csv: row 3: expected 3 fields"):
     annotations.read_csv(tmp_path / "ragged.csv", check_images=False)
+
+
+@pytest.mark.parametrize("mutate, where, what", [
+    (lambda d: d["images"].append(dict(d["images"][0], file_name="other.jpg")),
+     r"images\[3\]", "duplicate image id 100 \\(also at images\\[0\\]\\)"),
+    (lambda d: d["images"].append(dict(d["images"][1], id=555)),
+     r"images\[3\]", "duplicate file_name '000000000001.jpg' \\(also at images\\[1\\]\\)"),
+    (lambda d: d["categories"].append({"id": 18, "name": "cat"}),
+     r"categories\[5\]", "duplicate category id 18 \\(also at categories\\[1\\]\\)"),
+])
+def test_coco_duplicate_ids_are_refused(tmp_path, mutate, where, what):
+  """Merged, a repeated id would give one image's labels to another."""
+  path, image_dir = write_coco(tmp_path)
+  data = json.loads(path.read_text())
+  mutate(data)
+  path.write_text(json.dumps(data))
+  with pytest.raises(annotations.AnnotationError,
+                     match=f"instances_val2017.json: {where}: {what}"):
+    annotations.read_coco(path, image_dir)
+
+
+def test_csv_image_listed_twice_is_refused(tmp_path):
+  write_images(tmp_path, ["a.png", "b.png"])
+  (tmp_path / "twice.csv").write_text(
+      "image_path,positive_objects\na.png,dog\nb.png,cat\n./a.png,horse\n")
+  with pytest.raises(annotations.AnnotationError,
+                     match=r"twice.csv: row 4: duplicate image_path .*a.png' \(also at row 2\)"):
+    annotations.read_csv(tmp_path / "twice.csv")

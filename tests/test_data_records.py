@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from negjax import cli
 from negjax.data import annotations
 from negjax.data import make
 from negjax.data import records
@@ -248,7 +249,7 @@ def test_csv_input_builds_and_malformed_csv_errors(tmp_path):
 def test_nothing_to_build_is_an_error(tmp_path):
   (tmp_path / "empty.csv").write_text("image_path,positive_objects\nx.png,\n")
   config = data_config("csv", out=str(tmp_path / "out"), train_csv=str(tmp_path / "empty.csv"))
-  with pytest.raises(ValueError, match="nothing to build"):
+  with pytest.raises(cli.UserError, match="nothing to build"):
     make.build(config)
 
 

@@ -3,7 +3,8 @@
 Both end in the same `Annotations` the caption engine consumes. Bad data is handled in two
 ways: problems in single entries (unknown category id, image without objects, missing image
 file) skip that entry and are listed in `skipped`; input that cannot be read as the format at
-all raises `AnnotationError` naming the file and the row or key.
+all, or that names an image or category twice (its labels would land on the wrong image),
+raises `AnnotationError` naming the file and the row or key.
 
 CSV layout (header row required, comma-separated, standard `csv` quoting):
 
@@ -16,6 +17,7 @@ empty) are known to be absent; both separated by `;`. Relative `image_path`s are
 against `image_root` (default: the CSV's directory). Absent objects not given are sampled
 from the other objects named anywhere in the file.
 """
+import contextlib
 import csv
 import dataclasses
 import json
@@ -52,6 +54,12 @@ def _require(cond, path, where, what):
     raise AnnotationError(f"{path}: {where}: {what}")
 
 
+def _unique(seen, key, path, where):
+  """Records `key` (kind, value) as seen at `where`; a second sighting is an error."""
+  _require(key not in seen, path, where, f"duplicate {key[0]} {key[1]!r} (also at {seen.get(key)})")
+  seen[key] = where
+
+
 def _exists(path, check):
   return not check or os.path.isfile(path)
 
@@ -67,16 +75,20 @@ def read_coco(json_path, image_dir, check_images=True):
   for key in ("images", "annotations", "categories"):
     _require(isinstance(data.get(key), list), json_path, key, "missing or not a list")
 
-  names = {}
+  # A repeated id or file would attach one image's labels to another: refused, not merged.
+  names, seen = {}, {}
   for i, c in enumerate(data["categories"]):
     ok = isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("name"), str)
     _require(ok, json_path, f"categories[{i}]", "needs an integer 'id' and a string 'name'")
+    _unique(seen, ("category id", c["id"]), json_path, f"categories[{i}]")
     names[c["id"]] = c["name"].strip()
   images = {}
   for i, im in enumerate(data["images"]):
     ok = isinstance(im, dict) and isinstance(im.get("id"), int) and isinstance(
         im.get("file_name"), str)
     _require(ok, json_path, f"images[{i}]", "needs an integer 'id' and a string 'file_name'")
+    _unique(seen, ("image id", im["id"]), json_path, f"images[{i}]")
+    _unique(seen, ("file_name", os.path.normpath(im["file_name"])), json_path, f"images[{i}]")
     images[im["id"]] = im["file_name"]
 
   skipped, objects = [], {}
@@ -112,7 +124,7 @@ def _split(field):
 def read_csv(csv_path, image_root=None, check_images=True):
   """Reads the `image_path, positive_objects[, negative_objects]` CSV described above."""
   image_root = os.path.dirname(os.path.abspath(csv_path)) if image_root is None else image_root
-  items, skipped, vocabulary = [], [], {}
+  items, skipped, vocabulary, seen = [], [], {}, {}
   try:
     f = open(csv_path, newline="")
   except OSError as e:
@@ -130,6 +142,8 @@ def read_csv(csv_path, image_root=None, check_images=True):
         present, absent = _split(row["positive_objects"]), _split(row.get("negative_objects"))
         vocabulary.update(dict.fromkeys(present + absent))
         path = os.path.join(image_root, row["image_path"].strip())
+        if row["image_path"].strip():  # one row per image: its objects must not be split
+          _unique(seen, ("image_path", os.path.normpath(path)), csv_path, where)
         if not row["image_path"].strip():
           skipped.append((where, "empty image_path"))
         elif not present:
@@ -146,9 +160,26 @@ def read_csv(csv_path, image_root=None, check_images=True):
   return Annotations(str(csv_path), items, tuple(vocabulary), skipped)
 
 
+@contextlib.contextmanager
+def _bomb_names_file(path):
+  """PIL refuses an image of more than 2 * Image.MAX_IMAGE_PIXELS pixels (a decompression
+  bomb) without naming it: re-raised as an OSError with the path, a skip like any bad file."""
+  try:
+    yield
+  except Image.DecompressionBombError as e:
+    raise OSError(f"{path}: {e}") from e
+
+
+def check_image(path):
+  """Reads only the header: OSError (naming the file) for a missing or unreadable image or a
+  decompression bomb."""
+  with _bomb_names_file(path), Image.open(path):
+    pass
+
+
 def load_image(path, size):
   """RGB uint8 (size, size, 3): shorter side resized to `size`, then centre-cropped."""
-  with Image.open(path) as im:
+  with _bomb_names_file(path), Image.open(path) as im:
     im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that still covers size
     im = im.convert("RGB")
     w, h = im.size

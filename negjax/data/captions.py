@@ -2,13 +2,15 @@
 
 One code path for every source (shapes world, COCO, CSV): it sees only the present and
 absent object names of an image and a per-image random generator. Each caption carries
-which objects it affirms and which it negates, so its truth can be checked against the
-annotation instead of trusted.
+which objects it affirms and which it negates, and whether it claims those are the only ones
+there, so its truth can be checked against the annotation instead of trusted.
 """
 import dataclasses
 import importlib
 
 import numpy as np
+
+from negjax import cli
 
 AFFIRMATIVE_TEMPLATES = {
     "photo_of": "a photo of {A}",
@@ -27,16 +29,30 @@ NEGCAP_TEMPLATES = {
     "no_in_sight": "a picture of {A} with no {n} in sight",
     "shown_but_not": "{A} {be} shown, but not {a_n}",
     "has_but_not": "this image has {A} but does not have {a_n}",
-    "just": "there is no {n} here, just {A}",
+    "just": "no {n} here, just {A}",
     "containing_not": "an image containing {A} but not {a_n}",
     "not_present": "{A}; no {n} is present",
 }
+# Templates that say the affirmed objects are the only ones there. Such a claim is true only
+# in a closed world, where the annotation lists everything in the image (the shapes world; not
+# COCO or a CSV, whose photos hold unlabelled things), and only if it names every present
+# object: these templates affirm all of them, and are not used for open-world sources.
+EXCLUSIVE = frozenset({"no_only", "just"})
 MCQ_TEMPLATES = {
     "positive": "this image features {A}",
     "negative": "this image does not feature {a_n}",
     "hybrid": "this image features {A} but not {a_n}",
 }
 MCQ_TYPES = tuple(MCQ_TEMPLATES)
+
+
+class Unannotatable(ValueError):
+  """These objects cannot make the captions (none present or absent, too few for an MCQ):
+  the data engine skips the image and lists why."""
+
+
+class ParaphraserError(cli.UserError):
+  """The configured paraphraser cannot be imported or does not return one str per text."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +62,15 @@ class Caption:
   template: str  # key into the template table of its kind
   affirmed: tuple = ()
   negated: tuple = ()
+  exclusive: bool = False  # says the affirmed objects are the only ones there ("only A")
 
   def is_true(self, present):
-    present = set(present)
-    return set(self.affirmed) <= present and not set(self.negated) & present
+    """Every affirmed object present, every negated one absent; "only A" also needs the
+    present objects to be exactly A."""
+    present, affirmed = set(present), set(self.affirmed)
+    if self.exclusive and affirmed != present:
+      return False
+    return affirmed <= present and not set(self.negated) & present
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,23 +129,32 @@ def _subset(objects, rng, most=2):
   return tuple(objects[i] for i in rng.choice(len(objects), size=n, replace=False))
 
 
+def _shuffled(objects, rng):
+  return tuple(objects[i] for i in rng.permutation(len(objects)))
+
+
 def affirmative(present, rng, n=2):
   names = rng.choice(list(AFFIRMATIVE_TEMPLATES), size=n, replace=n > len(AFFIRMATIVE_TEMPLATES))
   out = []
   for name in names:
-    objs = tuple(present[i] for i in rng.permutation(len(present)))
+    objs = _shuffled(present, rng)
     out.append(Caption(fill(AFFIRMATIVE_TEMPLATES[name], objs), "affirmative", str(name), objs))
   return tuple(out)
 
 
-def negcap(present, absent, rng, n=3):
-  """n captions with distinct templates, each affirming 1-2 present and negating 1 absent."""
-  names = rng.choice(list(NEGCAP_TEMPLATES), size=n, replace=n > len(NEGCAP_TEMPLATES))
+def negcap(present, absent, rng, n=3, closed_world=False):
+  """n captions with distinct templates, each negating 1 absent object and affirming 1-2
+  present ones, or all of them for an EXCLUSIVE template (closed worlds only)."""
+  templates = [t for t in NEGCAP_TEMPLATES if closed_world or t not in EXCLUSIVE]
+  names = rng.choice(templates, size=n, replace=n > len(templates))
   negated = [absent[i] for i in rng.permutation(len(absent))]
   out = []
   for j, name in enumerate(names):
-    objs, neg = _subset(present, rng), negated[j % len(negated)]
-    out.append(Caption(fill(NEGCAP_TEMPLATES[name], objs, neg), "negcap", str(name), objs, (neg,)))
+    exclusive = name in EXCLUSIVE
+    objs = _shuffled(present, rng) if exclusive else _subset(present, rng)
+    neg = negated[j % len(negated)]
+    out.append(Caption(fill(NEGCAP_TEMPLATES[name], objs, neg), "negcap", str(name), objs,
+                       (neg,), exclusive))
   return tuple(out)
 
 
@@ -181,51 +211,71 @@ def mcq(present, absent, rng, max_tries=20, answer_weights=None):
       if option.text not in {o.text for o in options}:
         break
     else:
-      raise ValueError(f"cannot build 4 distinct MCQ options from present={present} "
-                       f"absent={absent}")
+      raise Unannotatable(f"cannot build 4 distinct MCQ options from present={present} "
+                          f"absent={absent}")
     options.append(option)
   order = rng.permutation(len(options))
   return tuple(options[i] for i in order), int(np.argmax(order == 0))
 
 
-def load_paraphraser(spec):
-  """Imports a paraphraser given as "package.module:function" (or "package.module.function")."""
+def load_paraphraser(spec, batched=False):
+  """Imports a paraphraser given as "package.module:function" (or "package.module.function")
+  and tries it on one caption, so that a typo or a wrong return type stops a build before
+  any work instead of turning every image into a skip."""
   if not spec:
     return None
   module, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
   try:
-    return getattr(importlib.import_module(module), attr)
-  except (ImportError, AttributeError) as e:
-    raise ValueError(f"cannot import paraphraser {spec!r}: {e}") from e
+    fn = getattr(importlib.import_module(module), attr)
+  except (ImportError, AttributeError, ValueError) as e:
+    raise ParaphraserError(f"cannot import paraphraser {spec!r}: {e}") from e
+  if not callable(fn):
+    raise ParaphraserError(f"paraphraser {spec!r} is not callable")
+  probe = Caption(fill(AFFIRMATIVE_TEMPLATES["photo_of"], ("red circle",)), "affirmative",
+                  "photo_of", ("red circle",))
+  try:
+    paraphrase((probe,), fn, batched)
+  except ParaphraserError as e:
+    raise ParaphraserError(f"paraphraser {spec!r} (batched={batched}): {e}") from e
+  return fn
 
 
 def paraphrase(captions, fn, batched=False):
   """Rewrites caption texts; which objects each caption affirms or negates is kept as is.
 
   The paper rephrased template captions with an LLM; `fn` is that hook (str -> str, or
-  list[str] -> list[str] when batched). It must keep the meaning: nothing re-checks it.
+  list[str] -> list[str] when batched). It must keep the meaning (and add no "only"):
+  nothing re-checks it.
   """
   if fn is None or not captions:
     return tuple(captions)
   texts = [c.text for c in captions]
-  new = list(fn(texts)) if batched else [fn(t) for t in texts]
-  if len(new) != len(texts) or not all(isinstance(t, str) for t in new):
-    raise ValueError("paraphraser must return one str per caption")
+  new = fn(texts) if batched else [fn(t) for t in texts]
+  new = list(new) if isinstance(new, (list, tuple)) else new
+  if not isinstance(new, list) or len(new) != len(texts):
+    raise ParaphraserError(f"returned {type(new).__name__} for {len(texts)} texts: it must "
+                           f"return a list of {len(texts)} str")
+  for text, out in zip(texts, new):
+    if not isinstance(out, str) or not out.strip():
+      raise ParaphraserError(f"returned {out!r} for {text!r}: it must return a non-empty str")
   return tuple(dataclasses.replace(c, text=t) for c, t in zip(captions, new))
 
 
 def annotate(present, absent, rng, num_affirmative=2, num_negcap=3,
-             paraphraser=None, paraphraser_batched=False):
-  """All captions of one image. Needs at least one present and one absent object."""
+             paraphraser=None, paraphraser_batched=False, closed_world=False):
+  """All captions of one image. Needs at least one present and one absent object.
+
+  `closed_world`: the present objects are everything in the image (see EXCLUSIVE)."""
   present, absent = tuple(present), tuple(absent)
   if not present:
-    raise ValueError("no present objects")
+    raise Unannotatable("no present objects")
   if not absent:
-    raise ValueError("no absent objects")
+    raise Unannotatable("no absent objects")
   if set(present) & set(absent):
-    raise ValueError(f"objects both present and absent: {sorted(set(present) & set(absent))}")
+    raise Unannotatable(f"objects both present and absent: "
+                        f"{sorted(set(present) & set(absent))}")
   aff = affirmative(present, rng, num_affirmative)
-  neg = negcap(present, absent, rng, num_negcap)
+  neg = negcap(present, absent, rng, num_negcap, closed_world)
   options, answer = mcq(present, absent, rng)
   if paraphraser is not None:
     caps = paraphrase(aff + neg + options, paraphraser, paraphraser_batched)

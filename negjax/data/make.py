@@ -13,28 +13,43 @@ Output:
 
 Train and eval images are disjoint: shapes uses different generator streams, COCO/CSV
 different annotation files. Every random choice is seeded by (seed, split, index).
+
+A build writes into a fresh folder beside DIR and replaces DIR's train/, eval/ and
+summary.json only once it has succeeded: a failed or killed build leaves the previous
+output as it was (a killed build's folder is removed by the next build).
 """
 import collections
 import csv
 import dataclasses
 import functools
+import glob
+import hashlib
 import json
 import os
+import shutil
+import socket
 import sys
+import tempfile
 import time
 
 import ml_collections
 import numpy as np
 
+from negjax import cli
 from negjax.data import annotations
 from negjax.data import captions
 from negjax.data import records
 from negjax.data import shapes
 
 TRAIN, EVAL = 0, 1  # split ids in the random streams
+# Bump when the same config gives different output, so that caches keyed by `fingerprint`
+# rebuild. 2: exclusive NegCap templates ("only A") name every present object, shapes only.
+ENGINE_VERSION = 2
+OUTPUTS = ("summary.json", "train", "eval")  # what a build owns in DIR
 
 
-# A source has a length, a `vocabulary` of object names and
+# A source has a length, a `vocabulary` of object names, `closed_world` (its present objects
+# are everything in the image, see captions.EXCLUSIVE) and
 # `get(index, size) -> (key, load_image, present, absent)`; `load_image()` gives the
 # (size, size, 3) uint8 image, so train workers load files and eval skips loading them.
 
@@ -57,12 +72,14 @@ class ShapesWorld:
         scene.absent
 
   vocabulary = shapes.OBJECTS
+  closed_world = True
 
 
 @dataclasses.dataclass(frozen=True)
 class FileItems:
   annotations: annotations.Annotations
   count: int
+  closed_world = False  # photos hold more than their labels
 
   def __len__(self):
     return self.count
@@ -78,8 +95,8 @@ class FileItems:
 
 
 @functools.cache
-def _paraphraser(spec):
-  return captions.load_paraphraser(spec)
+def _paraphraser(spec, batched):
+  return captions.load_paraphraser(spec, batched)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,17 +119,18 @@ class Examples:
                                       self.num_absent)
     if not absent:
       raise records.Skip(key, "no absent object available (vocabulary too small)")
+    paraphraser = _paraphraser(self.paraphraser, self.paraphraser_batched)
     try:
       ann = captions.annotate(present, absent, rng, self.num_affirmative, self.num_negcap,
-                              _paraphraser(self.paraphraser), self.paraphraser_batched)
-    except ValueError as e:  # e.g. too few objects for 4 distinct MCQ options
+                              paraphraser, self.paraphraser_batched, self.source.closed_world)
+    except captions.Unannotatable as e:  # e.g. too few objects for 4 distinct MCQ options
       raise records.Skip(key, str(e)) from e
     return key, image, ann
 
   def load(self, key, image):
     try:
       return image()
-    except OSError as e:  # missing or unreadable image file
+    except OSError as e:  # missing, unreadable or too large (the message names the file)
       raise records.Skip(key, f"cannot read image: {e}") from e
 
   def __call__(self, index):
@@ -145,10 +163,10 @@ def sources(config):
             ShapesWorld(config.seed, EVAL, config.eval_size, config.num_absent), [])
   keys = {"coco": ("train_annotations", "eval_annotations"), "csv": ("train_csv", "eval_csv")}
   if config.source not in keys:
-    raise ValueError(f"unknown source {config.source!r}: use shapes, coco or csv")
+    raise cli.UserError(f"unknown source {config.source!r}: use shapes, coco or csv")
   if not any(config.get(k) for k in keys[config.source]):
-    raise ValueError(f"set --config.{keys[config.source][0]} and/or "
-                     f"--config.{keys[config.source][1]}")
+    raise cli.UserError(f"set --config.{keys[config.source][0]} and/or "
+                        f"--config.{keys[config.source][1]}")
   out, skipped = [], []
   for split in ("train", "eval"):
     if config.source == "coco":
@@ -191,8 +209,7 @@ def write_eval(examples, eval_dir, name, progress=True):
                                                         optimize=False)
       else:  # real photos stay where they are; the CSV points at them
         path = examples.source.annotations.items[index].image_path
-        if not os.path.isfile(path):
-          raise records.Skip(key, f"missing image file {path}")
+        examples.load(key, lambda: annotations.check_image(path))
         rel = os.path.relpath(os.path.abspath(path), os.path.abspath(eval_dir))
     except records.Skip as e:
       skipped.append(e.args)
@@ -247,49 +264,135 @@ def default_config(source="shapes", **overrides):
     c.image_root = ml_collections.config_dict.placeholder(str)  # None: the CSV's directory
     c.check_images = True
   elif source != "shapes":
-    raise ValueError(f"unknown source {source!r}: use shapes, coco or csv")
+    raise cli.UserError(f"unknown source {source!r}: use shapes, coco or csv")
   c.update(overrides)
   return c
 
 
+def fingerprint(config):
+  """A short hash of the engine version and every setting that changes the output: a cache
+  named by it is rebuilt when either changes."""
+  c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  c = {k: v for k, v in c.items() if k not in ("out", "workers", "progress", "shards")}
+  c["engine_version"] = ENGINE_VERSION
+  return hashlib.sha1(json.dumps(c, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def build(config):
-  """Builds everything under config.out; returns the summary (also DIR/summary.json)."""
+  """Builds everything under config.out; returns the summary (also DIR/summary.json).
+
+  Works in a fresh folder beside DIR and swaps the result in only on success."""
   if not config.out:
-    raise ValueError("set --config.out=DIR")
-  t0 = time.perf_counter()
+    raise cli.UserError("set --config.out=DIR")
+  captions.load_paraphraser(config.paraphraser, config.paraphraser_batched)  # fail fast
   train, val, skipped = sources(config)
+  _check_inputs_outside(config.out, (train, val))
+  work = _work_folder(config.out)
+  try:
+    summary = _build_into(work, config, train, val, skipped)
+    _swap_in(work, config.out)
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+  return summary
+
+
+def _build_into(out, config, train, val, skipped):
+  t0 = time.perf_counter()
   summary = {"name": config.name, "source": config.source, "seed": config.seed,
-             "image_size": config.image_size}
+             "image_size": config.image_size, "engine_version": ENGINE_VERSION}
   if train is not None and len(train):
     results = records.write_split(
-        _examples(config, train, TRAIN), len(train), os.path.join(config.out, "train"),
+        _examples(config, train, TRAIN), len(train), os.path.join(out, "train"),
         config.name, "train", config.shards, config.workers or os.cpu_count(),
         config.progress)
-    records.write_metadata(os.path.join(config.out, "train"), config.name,
+    records.write_metadata(os.path.join(out, "train"), config.name,
                            {"train": results})
-    skipped += [(f"train {k}", r) for res in results for k, r in res.skipped]
+    train_skipped = [(k, r) for res in results for k, r in res.skipped]
+    _require_output("train", len(train), sum(r.length for r in results), train_skipped)
+    skipped += [(f"train {k}", r) for k, r in train_skipped]
     summary["train"] = {"records": sum(r.length for r in results),
                         "bytes": sum(r.num_bytes for r in results),
                         "counts": dict(sorted(sum((r.tags for r in results),
                                                   collections.Counter()).items()))}
   if val is not None and len(val):
     n, counts, eval_skipped = write_eval(_examples(config, val, EVAL),
-                                      os.path.join(config.out, "eval"), config.name,
+                                      os.path.join(out, "eval"), config.name,
                                       config.progress)
+    _require_output("eval", len(val), n, eval_skipped)
     skipped += [(f"eval {k}", r) for k, r in eval_skipped]
     summary["eval"] = {"images": n, "counts": dict(sorted(counts.items()))}
   if "train" not in summary and "eval" not in summary:
-    raise ValueError("nothing to build: no usable train or eval items "
-                     f"({len(skipped)} skipped)")
+    raise cli.UserError("nothing to build: no usable train or eval items "
+                        f"({len(skipped)} skipped)")
   summary["paths"] = {"train": "train", "eval": "eval", **{
       kind: os.path.join("eval", f"{config.name}_val_{kind}.csv")
       for kind in ("mcq", "retrieval", "negated_retrieval")}}
   summary["skipped_count"] = len(skipped)
   summary["skipped"] = [{"key": k, "reason": r} for k, r in skipped]
   summary["seconds"] = round(time.perf_counter() - t0, 2)
-  with open(os.path.join(config.out, "summary.json"), "w") as f:
+  with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   return summary
+
+
+def _require_output(split, items, made, skipped):
+  """A split whose every item was skipped is an error, not an empty data set."""
+  if items and not made:
+    reasons = "; ".join(f"{k}: {r}" for k, r in skipped[:3])
+    raise cli.UserError(f"{split}: all {items} items were skipped, e.g. {reasons}")
+
+
+def _check_inputs_outside(out, splits):
+  """Input images inside DIR/train or DIR/eval would be replaced with the old output."""
+  owned = tuple(os.path.join(os.path.abspath(out), name) + os.sep for name in OUTPUTS[1:])
+  for source in splits:
+    for item in source.annotations.items if isinstance(source, FileItems) else ():
+      if os.path.abspath(item.image_path).startswith(owned):
+        raise cli.UserError(f"input image {item.image_path} lies inside the output folder's "
+                            f"train/ or eval/, which a build replaces: choose another "
+                            f"--config.out")
+
+
+def _work_prefix(out):
+  """Work folders sit beside DIR (one filesystem: the final renames are atomic), named with
+  host and process id so that a later build can tell a killed build's from a live one's."""
+  parent, base = os.path.split(os.path.abspath(out))
+  return parent, f".{base}.partial-{socket.gethostname()}-"
+
+
+def _work_folder(out):
+  parent, prefix = _work_prefix(out)
+  os.makedirs(parent, exist_ok=True)
+  for stale in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*")):
+    pid = os.path.basename(stale)[len(prefix):].split("-")[0]
+    if pid.isdigit() and not _alive(int(pid)):
+      print(f"removing {stale}, left by a killed build", file=sys.stderr)
+      shutil.rmtree(stale, ignore_errors=True)
+  return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's process
+    pass
+  return True
+
+
+def _swap_in(work, out):
+  """Replaces DIR's outputs with the finished ones in `work`. summary.json leaves first and
+  comes back last: a crash in between leaves no summary, and the folder reads as unbuilt."""
+  os.makedirs(out, exist_ok=True)
+  old = _work_folder(out)
+  for name in OUTPUTS:
+    if os.path.lexists(os.path.join(out, name)):
+      os.rename(os.path.join(out, name), os.path.join(old, name))
+  for name in reversed(OUTPUTS):
+    if os.path.lexists(os.path.join(work, name)):
+      os.rename(os.path.join(work, name), os.path.join(out, name))
+  shutil.rmtree(old)
 
 
 def print_summary(summary, file=sys.stdout):
@@ -310,16 +413,12 @@ def print_summary(summary, file=sys.stdout):
 
 
 def main(argv):
-  del argv
-  try:
-    summary = build(_CONFIG.value)
-  except (annotations.AnnotationError, ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
-  print_summary(summary)
+  if len(argv) > 1:
+    raise cli.UserError(f"unexpected arguments {argv[1:]}: settings are --config.KEY=VALUE")
+  print_summary(build(_CONFIG.value))
 
 
 if __name__ == "__main__":
-  from absl import app
   from ml_collections import config_flags
   _CONFIG = config_flags.DEFINE_config_file("config", None, "data config file")
-  app.run(main)
+  cli.run(main)

@@ -10,8 +10,6 @@ key and runs in one process. It needs no TensorFlow: the features avoid
   source = builder.as_data_source()["train"]   # random access, for Grain
 """
 import dataclasses
-import hashlib
-import json
 
 import tensorflow_datasets as tfds
 
@@ -25,18 +23,19 @@ class NegationConfig(tfds.core.BuilderConfig):
 
 
 def builder_config(data_config, name=None):
-  """Wraps a data config; the default name carries a hash of it, so TFDS keeps each
-  differently configured build in its own directory."""
+  """Wraps a data config; the default name carries its `make.fingerprint` (settings and
+  engine version), so TFDS keeps each differently made build in its own directory."""
   c = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
   c = {k: v for k, v in c.items() if k not in ("out", "workers", "progress", "shards")}
-  digest = hashlib.sha1(json.dumps(c, sort_keys=True).encode()).hexdigest()[:8]
-  return NegationConfig(name=name or f"{c['name']}_{digest}", data=c)
+  return NegationConfig(name=name or f"{c['name']}_{make.fingerprint(c)}", data=c)
 
 
 class NegationData(tfds.core.GeneratorBasedBuilder):
   """NegCap / NegMCQ / affirmative captions per image (schema: negjax.data.records)."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"2.0.0": "exclusive NegCap templates name every present object "
+                            "(make.ENGINE_VERSION 2)"}
   # No checksums/README files to find beside the code. Looking them up would import
   # `importlib_resources`, which TFDS uses without declaring it as a dependency.
   code_path = None

@@ -30,14 +30,17 @@ class TrainingData:
 
 def prepare(data_config, seed: int) -> TrainingData:
   """The configured data folder, or the shapes world (`data_config.shapes`, a data-engine
-  config) built once into the cache."""
+  config) built once into the cache, in a folder named by everything that shapes its
+  content (`make.fingerprint`: the settings and the engine version), so that a changed
+  caption engine never serves an old world."""
   directory = data_config.dir
   if directory is None:
+    from negjax.data import make
     shapes = data_config.shapes
     directory = os.path.join(CACHE_DIR, f"shapes-{shapes.train_size}-{shapes.eval_size}"
-                             f"-{shapes.image_size}px-seed{shapes.seed}")
+                             f"-{shapes.image_size}px-seed{shapes.seed}"
+                             f"-{make.fingerprint(shapes)}")
     if not os.path.exists(os.path.join(directory, "summary.json")):
-      from negjax.data import make
       print(f"building the shapes world into {directory} (once)")
       shapes = shapes.copy_and_resolve_references()
       shapes.out = directory
