@@ -7,9 +7,10 @@ Objects are separated by `;` (`dog;frisbee`). negative_objects is optional and m
 empty: absent objects are then sampled from the other objects named in the file. Relative
 image paths are resolved against --config.image_root (default: the CSV's directory).
 Rows without positive objects, with an object both positive and negative, or with a
-missing image are skipped, counted and listed in summary.json; a malformed file (missing
-column, wrong number of fields) stops with an error naming the file and row.
-All knobs: negjax.data.make.default_config.
+missing, unreadable or too large image are skipped, counted and listed in summary.json; a
+malformed file (missing column, wrong number of fields, an image in two rows) stops with an
+error naming the file and row. The "only"/"just" NegCap templates are not used: a CSV's
+objects need not be everything in the photo. All knobs: negjax.data.make.default_config.
 """
 from negjax.data import make
 
