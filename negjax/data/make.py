@@ -353,15 +353,11 @@ def _check_inputs_outside(out, splits):
                             f"--config.out")
 
 
-def _work_prefix(out):
-  """Work folders sit beside DIR (one filesystem: the final renames are atomic), named with
-  host and process id so that a later build can tell a killed build's from a live one's."""
-  parent, base = os.path.split(os.path.abspath(out))
-  return parent, f".{base}.partial-{socket.gethostname()}-"
-
-
 def _work_folder(out):
-  parent, prefix = _work_prefix(out)
+  """A new folder beside DIR (one filesystem: the final renames are atomic), named with host
+  and process id so that a later build can tell a killed build's folder from a live one's."""
+  parent, base = os.path.split(os.path.abspath(out))
+  prefix = f".{base}.partial-{socket.gethostname()}-"
   os.makedirs(parent, exist_ok=True)
   for stale in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*")):
     pid = os.path.basename(stale)[len(prefix):].split("-")[0]
