@@ -4,7 +4,8 @@
       --config.train_csv=/data/train.csv --config.eval_csv=/data/val.csv
 
 Objects are separated by `;` (`dog;frisbee`). negative_objects is optional and may be
-empty: absent objects are then sampled from the other objects named in the file. Relative
+empty: absent objects are then sampled from the other objects named in the file, so
+positive_objects must list every such object the image shows, or "no X" captions lie. Relative
 image paths are resolved against --config.image_root (default: the CSV's directory).
 Rows without positive objects, with an object both positive and negative, or with a
 missing, unreadable or too large image are skipped, counted and listed in summary.json; a

@@ -15,7 +15,8 @@ CSV layout (header row required, comma-separated, standard `csv` quoting):
 `positive_objects` are present in the image, `negative_objects` (optional column, may be
 empty) are known to be absent; both separated by `;`. Relative `image_path`s are resolved
 against `image_root` (default: the CSV's directory). Absent objects not given are sampled
-from the other objects named anywhere in the file.
+from the other objects named anywhere in the file, so `positive_objects` must list every one
+of those the image shows (as COCO's instance labels do for its categories).
 """
 import contextlib
 import csv
