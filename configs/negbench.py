@@ -5,12 +5,15 @@
       --config.workdir=/runs/eval-vitb32 [--config.files=COCO_val_mcq_llama3.1_rephrased.csv,...]
 
 Without `files`, every NegBench CSV under `data_root` is evaluated (recognised by its
-columns); relative media paths in the CSVs are taken from `data_root`. Writes
-WORKDIR/results.json (per file: accuracies or Recall@1/5/10, skipped images, confusion
-table), WORKDIR/results.csv (official names, e.g. coco-negated-image_retrieval_recall@5)
-and WORKDIR/mcq_accuracy.png. For OpenAI ViT-B/32 expect COCO MCQ total accuracy 0.393
-(positive 0.691, negative 0.068, hybrid 0.393) and VOC2007 0.387. On this 2-core CPU a
-ViT-B/32 encodes about 10 images/s, so the 5k-image COCO files take minutes each.
+columns); relative media paths in the CSVs are taken from `data_root`. Every CSV is read and
+checked before anything is encoded. Writes, after each file, WORKDIR/results.json
+(provenance, and per file: accuracies or Recall@1/5/10, skipped media, confusion table),
+WORKDIR/results.csv (official names, e.g. coco-negated-image_retrieval_recall@5, plus
+per-file counts such as coco-negated-num_skipped) and WORKDIR/mcq_accuracy.png; rerun the
+same command after an interruption and the files already done are not evaluated again.
+For OpenAI ViT-B/32 expect COCO MCQ total accuracy 0.393 (positive 0.691, negative 0.068,
+hybrid 0.393) and VOC2007 0.387. On this 2-core CPU a ViT-B/32 encodes about 10 images/s,
+so the 5k-image COCO files take minutes each.
 """
 import ml_collections
 
@@ -25,4 +28,10 @@ def get_config():
   c.batch_size = 64
   c.dtype = "float32"  # compute dtype, e.g. bfloat16 on accelerators
   c.workers = 0  # Grain worker processes decoding images (0: in the main process)
+  # Retrieval ties (equal scores): "official" as the published numbers, "optimistic"
+  # (ties go to the query) or "pessimistic" (against it). See negjax.metrics.
+  c.tie_rule = "official"
+  # A file with more unreadable media than this share is an error (skipped items would
+  # shrink the denominators); a file with none readable always is.
+  c.max_skipped_fraction = 0.01
   return c
