@@ -213,11 +213,25 @@ def file_keys(paths):
 
 def _agree(flags):
   """Process 0's answer on every process (only process 0 reads the workdir)."""
-  flags = np.asarray(flags, bool)
+  flags = np.asarray(flags, np.int32)
   if jax.process_count() > 1 and len(flags):
     from jax.experimental import multihost_utils
     flags = np.asarray(multihost_utils.broadcast_one_to_all(flags))
-  return flags
+  return flags > 0
+
+
+def _on_process_0(action):
+  """`action()` on process 0 only; a user error there is raised on every process, so no
+  host waits forever for one that stopped."""
+  value = error = None
+  if jax.process_index() == 0:
+    try:
+      value = action()
+    except cli.UserError as e:
+      error = e
+  if _agree([error is not None])[0]:
+    raise error or cli.UserError("process 0 stopped on an error about the workdir (see its log)")
+  return value
 
 
 def _report(key, m):
@@ -478,13 +492,12 @@ def run(c):
   check_config(c)
   data_root = c.data_root or None
   sets = read_files(c.files, data_root, c.max_skipped_fraction)
-  out = Workdir(c.workdir) if jax.process_index() == 0 else None
+  out = _on_process_0(lambda: Workdir(c.workdir))
   model = load_model(c.checkpoint, arch=c.arch or None, dtype=jnp.dtype(c.dtype))
-  if out is not None:
-    arch = c.arch or clip.architecture_name(model.config) or model.config.architecture
-    out.start(provenance.record(
-        checkpoint=c.checkpoint, architecture=arch, dtype=c.dtype,
-        settings={"tie_rule": c.tie_rule, "data_root": data_root and os.path.abspath(data_root)}))
+  arch = c.arch or clip.architecture_name(model.config) or model.config.architecture
+  _on_process_0(lambda: out.start(provenance.record(
+      checkpoint=c.checkpoint, architecture=arch, dtype=c.dtype,
+      settings={"tie_rule": c.tie_rule, "data_root": data_root and os.path.abspath(data_root)})))
   results = evaluate_sets(model, sets, c.batch_size, c.workers, True, c.tie_rule,
                           c.max_skipped_fraction, out)
   if out is not None:

@@ -323,6 +323,22 @@ def test_inputs_and_workdir_are_checked_before_encoding(bench, tmp_path, counted
   assert counted == []
 
 
+def test_other_hosts_stop_when_process_0_cannot_use_the_workdir(bench, tmp_path, counted,
+                                                                checkpoint, monkeypatch):
+  """Multi-host: only process 0 opens the workdir; if it fails there, the others must stop
+  too instead of waiting for it in the first collective."""
+  from jax.experimental import multihost_utils
+  root, _ = bench
+  monkeypatch.setattr("jax.process_count", lambda: 2)
+  monkeypatch.setattr("jax.process_index", lambda: 1)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", np.ones_like)  # 0 failed
+  c = _config(checkpoint=checkpoint, data_root=str(root), workdir=str(tmp_path / "out"),
+              max_skipped_fraction=0.2, files="shapes_val_mcq.csv")
+  with pytest.raises(cli.UserError, match="process 0 stopped"):
+    evaluate.run(c)
+  assert counted == [] and not (tmp_path / "out").exists()
+
+
 def test_results_are_kept_per_file_and_a_rerun_skips_them(bench, tmp_path, counted,
                                                           checkpoint, monkeypatch):
   root, _ = bench
