@@ -43,6 +43,15 @@ class Encoders:
     return self._text(self.state, ids)
 
 
+def frame_mean(x, count):
+  """Video embeddings [B, D] from frame embeddings x [B, F, D], as the official code makes
+  them: each frame's embedding L2-normalised, then the mean over the clip's `count` [B]
+  real frames (the rest is padding). Scoring normalises the mean again."""
+  x = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  real = (jnp.arange(x.shape[1]) < jnp.asarray(count)[:, None])[..., None]
+  return jnp.where(real, x, 0).sum(1) / jnp.maximum(real.sum(1), 1)
+
+
 def encode_media(enc, paths, batch_size, frames=1, workers=0, desc=None):
   """Features [N, D] of every path (a mean over frames for videos) and the skip list.
 
@@ -61,7 +70,8 @@ def encode_media(enc, paths, batch_size, frames=1, workers=0, desc=None):
     images = batch["image"]
     b, f = images.shape[:2]
     x = enc.image(jnp.asarray(images.reshape((b * f,) + images.shape[2:])))
-    feats.append(x.reshape(b, f, -1).mean(1))  # video: mean of frame embeddings
+    x = x.reshape(b, f, -1)
+    feats.append(x[:, 0] if f == 1 else frame_mean(x, batch["frames"]))
     index.append(batch["index"])
     status.append(batch["status"])
   # each process's share, concatenated over processes

@@ -424,27 +424,38 @@ def _write_video(path, levels):
       out.mux(packet)
 
 
-def test_video_mcq_embeds_mean_of_four_frames(bench, tmp_path):
-  pytest.importorskip("av")
+def test_video_mcq_embeds_official_mean_of_frames(bench, tmp_path):
+  """Video MCQ end to end: a video's embedding is the mean of the L2-normalised embeddings
+  of the official frames (negbench.frame_indices), each through the video transform."""
+  import av
   from negjax.data import negbench
+  from negjax.image import preprocess_frame
   _, model = bench
   _write_video(tmp_path / "a.mp4", [10 * i for i in range(12)])
   _write_video(tmp_path / "b.mp4", [200 - 10 * i for i in range(12)])
+  options = ["red dog", "blue cat", "no dog", "green"]
   with open(tmp_path / "msr_vtt_mcq.csv", "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["image_path"] + [f"caption_{i}" for i in range(4)]
                + ["correct_answer", "correct_answer_template"])
-    w.writerow(["a.mp4", "red dog", "blue cat", "no dog", "green", 2, "negative"])
-    w.writerow(["b.mp4", "red dog", "blue cat", "no dog", "green", 1, "positive"])
+    w.writerow(["a.mp4"] + options + [2, "negative"])
+    w.writerow(["b.mp4"] + options + [1, "positive"])
   results = evaluate.evaluate_files(model, ["msr_vtt_mcq.csv"], str(tmp_path), batch_size=2,
                                     progress=False)
   assert results["msr_vtt_mcq"]["kind"] == "video_mcq"
   assert results["msr_vtt_mcq"]["num_questions"] == 2
 
-  enc = evaluate.Encoders(model)
-  path = str(tmp_path / "a.mp4")
-  feats, ok, _ = evaluate.encode_media(enc, [path], batch_size=2, frames=4)
-  frames = np.stack([preprocess(f, model.config.image_size) for f in negbench.video_frames(path)])
-  want = np.asarray(model.encode_image(frames)).mean(0)
+  paths = [str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")]
+  feats, ok, _ = evaluate.encode_media(evaluate.Encoders(model), paths, batch_size=2, frames=4)
+  want = []
+  for path in paths:
+    with av.open(path) as container:
+      decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    pixels = np.stack([preprocess_frame(decoded[i], model.config.image_size)
+                       for i in negbench.frame_indices(len(decoded))])
+    want.append(_normalise(np.asarray(model.encode_image(pixels))).mean(0))
   assert ok.all()
-  np.testing.assert_allclose(feats[0], want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(feats, np.stack(want), rtol=1e-4, atol=1e-5)
+  text = _normalise(np.asarray(model.encode_text(tokenize(options))))
+  chosen = (_normalise(np.stack(want)) @ text.T).argmax(1)
+  assert results["msr_vtt_mcq"]["total_accuracy"] == pytest.approx(np.mean(chosen == [2, 1]))
