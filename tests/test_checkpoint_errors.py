@@ -114,3 +114,48 @@ def test_openai_name_without_network_says_where_to_put_the_file(tmp_path, monkey
     checkpoints.load_model("openai:ViT-B-32")
   with pytest.raises(CheckpointError, match="unknown OpenAI model"):
     checkpoints.load_model("openai:ViT-Z-1")
+
+
+def test_failed_download_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+  monkeypatch.setattr(checkpoints, "CACHE_DIR", str(tmp_path))
+
+  class Broken:  # the connection drops after the first megabyte
+    def __init__(self):
+      self.calls = 0
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      return False
+
+    def read(self, n):
+      self.calls += 1
+      if self.calls > 1:
+        raise OSError("connection reset")
+      return b"x" * n
+
+  monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: Broken())
+  with pytest.raises(CheckpointError, match="could not download"):
+    checkpoints.load_model("openai:ViT-B-32")
+  assert os.listdir(os.path.join(str(tmp_path), "openai")) == []
+
+
+def test_download_with_wrong_checksum_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+  monkeypatch.setattr(checkpoints, "CACHE_DIR", str(tmp_path))
+
+  class Wrong:
+    def __enter__(self):
+      self.left = [b"not the weights"]
+      return self
+
+    def __exit__(self, *exc):
+      return False
+
+    def read(self, n):
+      return self.left.pop() if self.left else b""
+
+  monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: Wrong())
+  with pytest.raises(CheckpointError, match="wrong SHA-256"):
+    checkpoints.load_model("openai:ViT-B-32")
+  assert os.listdir(os.path.join(str(tmp_path), "openai")) == []

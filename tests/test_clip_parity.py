@@ -109,8 +109,11 @@ def test_tiny_every_open_clip_format(tmp_path, tiny_ref, fmt):
   path = _files(str(tmp_path), model)[fmt]
   loaded = checkpoints.load_model(path, arch="negjax-tiny")
   assert_matches(loaded, ref, images, ids)
-  # Without `arch`: shapes give the architecture.
-  inferred = checkpoints.load_model(path)
+  # Without `arch`: shapes give the architecture and its heads, but not the activation.
+  with pytest.raises(checkpoints.CheckpointError, match="does not record its activation.*"
+                     "arch='negjax-tiny' for GELU.*arch='negjax-tiny-quickgelu'"):
+    checkpoints.load_model(path)
+  inferred = checkpoints.load_model(path, quick_gelu=False)
   assert inferred.config.architecture == config.architecture
   assert_matches(inferred, ref, images, ids)
 
@@ -206,7 +209,7 @@ def test_orbax_round_trip_and_convert_cli(tmp_path, tiny_ref):
   from negjax import convert
   model, config, images, ids, ref = tiny_ref
   src = _files(str(tmp_path), model)["state_dict.pt"]
-  convert.main([src, str(tmp_path / "orbax")])
+  convert.main([src, str(tmp_path / "orbax"), "--arch", "negjax-tiny"])
   convert.main([str(tmp_path / "orbax"), str(tmp_path / "back.safetensors")])
   for path in (tmp_path / "orbax", tmp_path / "back.safetensors"):
     assert_matches(checkpoints.load_model(str(path)), ref, images, ids)

@@ -183,3 +183,17 @@ def test_works_without_torch(tmp_path, run_without_torch):
   out = str(tmp_path / "out.npy")
   run_without_torch(_NO_TORCH, path, out)
   np.testing.assert_array_equal(np.load(out), pp.preprocess(pp.open_image(path), 32))
+
+
+def test_image_of_the_wrong_size_names_the_size_the_model_takes():
+  """The packaged shapes-CLIP takes 64 px: a 224 px image is an error that says so, not a
+  broadcast failure deep in the vision tower."""
+  from negjax import train
+  from negjax.models import checkpoints
+  model = checkpoints.load_model(train.SHAPES_CHECKPOINT)
+  image = pp.preprocess(Image.new("RGB", (300, 240), (200, 30, 30)), size=224)
+  with pytest.raises(ValueError, match=r"shape \(1, 224, 224, 3\); this model takes "
+                     r"\[N, 64, 64, 3\] \(preprocess\(image, size=64\)\)"):
+    model.encode_image(image[None])
+  right = pp.preprocess(Image.new("RGB", (300, 240), (200, 30, 30)), size=64)
+  assert model.encode_image(right[None]).shape == (1, 128)

@@ -154,13 +154,9 @@ def _describe(config):
   return clip.architecture_name(config) or f"architecture {config.architecture}"
 
 
-def infer_config(sd: dict, source: str = "<state dict>", quick_gelu: bool = False,
-                 heads: tuple[int, int] | None = None) -> clip.CLIPConfig:
-  """The architecture of an open_clip state dict, from its tensor shapes.
-
-  Shapes fix everything but the attention head count (taken as width / 64, the width
-  of every released CLIP head, unless `heads` says otherwise) and the activation.
-  """
+def infer_shapes(sd: dict, source: str = "<state dict>") -> dict:
+  """The `clip.weight_shapes` fields of an open_clip state dict, read from its tensors.
+  The head counts and the activation are not among them: no shape shows those."""
   def shape(key):
     if key not in sd:
       raise CheckpointError(f"{source}: missing key {key!r}; not an open_clip/OpenAI CLIP "
@@ -173,16 +169,113 @@ def infer_config(sd: dict, source: str = "<state dict>", quick_gelu: bool = Fals
 
   v_width, _, patch, _ = shape("visual.conv1.weight")
   grid = int(round((shape("visual.positional_embedding")[0] - 1) ** 0.5))
-  t_width = shape("ln_final.weight")[0]
-  heads = heads or (v_width // 64, t_width // 64)
   hidden = shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0]
-  return clip.CLIPConfig(
+  return dict(
       embed_dim=shape("text_projection")[1], image_size=grid * patch, patch_size=patch,
       vision_width=v_width, vision_layers=count("visual.transformer.resblocks"),
-      vision_heads=heads[0], text_width=t_width, text_layers=count("transformer.resblocks"),
-      text_heads=heads[1], context_length=shape("positional_embedding")[0],
-      vocab_size=shape("token_embedding.weight")[0], mlp_ratio=hidden / v_width,
-      quick_gelu=quick_gelu)
+      text_width=shape("ln_final.weight")[0], text_layers=count("transformer.resblocks"),
+      context_length=shape("positional_embedding")[0],
+      vocab_size=shape("token_embedding.weight")[0], mlp_ratio=hidden / v_width)
+
+
+def _recorded(architecture: dict, source: str) -> dict:
+  """What a file's own record of its architecture (negjax metadata) pins down."""
+  try:
+    config = clip.CLIPConfig(**architecture)
+  except TypeError as e:
+    raise CheckpointError(f"{source}: unreadable recorded architecture ({e})") from None
+  return {"shapes": clip.weight_shapes(config), "quick_gelu": config.quick_gelu,
+          "heads": (config.vision_heads, config.text_heads)}
+
+
+def choose_config(source: str, recorded: dict, sd: dict | None = None, arch: str | None = None,
+                  heads: tuple[int, int] | None = None,
+                  quick_gelu: bool | None = None) -> clip.CLIPConfig:
+  """The architecture to build for a file, never a guess.
+
+  Shapes come from the file; the head counts and the activation, which shapes cannot
+  show, from what the file records, else from the caller (`arch`, or `heads` and
+  `quick_gelu`), else (heads only) from the registered architecture of the same shapes.
+  What stays open is an error saying what to pass. A stated activation may differ from
+  a recorded one (the official NegBench scripts run QuickGELU-trained files as GELU), with
+  a warning; stated heads may not.
+  """
+  if arch is not None:
+    if heads is not None or quick_gelu is not None:
+      raise CheckpointError(f"{source}: give arch= or heads=/quick_gelu=, not both")
+    named = clip.get_config(arch)
+    if "shapes" in recorded and recorded["shapes"] != clip.weight_shapes(named):
+      raise CheckpointError(f"{source}: the file records a different architecture from "
+                            f"{arch}: {recorded['shapes']}")
+    heads, quick_gelu = (named.vision_heads, named.text_heads), named.quick_gelu
+  if heads is not None and recorded.get("heads") not in (None, tuple(heads)):
+    raise CheckpointError(f"{source}: the file records {recorded['heads']} attention heads "
+                          f"(vision, text), not {tuple(heads)}")
+  if quick_gelu is not None and recorded.get("quick_gelu") not in (None, quick_gelu):
+    log.warning("%s: the file records %s; using %s as asked", source,
+                _activation(recorded["quick_gelu"]), _activation(quick_gelu))
+  if arch is not None:
+    return named
+  heads = tuple(heads) if heads is not None else recorded.get("heads")
+  quick_gelu = recorded.get("quick_gelu") if quick_gelu is None else quick_gelu
+  shapes = recorded.get("shapes") or infer_shapes(sd, source)
+  names = clip.same_shapes(shapes)
+  if heads is None:
+    known = {(clip.ARCHITECTURES[n].vision_heads, clip.ARCHITECTURES[n].text_heads)
+             for n in names}
+    if len(known) != 1:
+      raise CheckpointError(
+          f"{source}: cannot tell the attention head count: the file does not record it, "
+          f"and its shapes (vision width {shapes['vision_width']}, "
+          f"{shapes['vision_layers']} layers, patch {shapes['patch_size']}, "
+          f"{shapes['image_size']} px; text width {shapes['text_width']}, "
+          f"{shapes['text_layers']} layers; embed {shapes['embed_dim']}) match no registered "
+          f"architecture. Pass heads=(VISION_HEADS, TEXT_HEADS) and quick_gelu=True/False "
+          f"(open_clip's model config: vision width / head_width, text heads), or a known "
+          f"arch= ({', '.join(n for n in clip.ARCHITECTURES if 'quickgelu' not in n)}, "
+          f"each also -quickgelu)")
+    heads = known.pop()
+  for width, n, tower in ((shapes["vision_width"], heads[0], "vision"),
+                          (shapes["text_width"], heads[1], "text")):
+    if n < 1 or width % n:
+      raise CheckpointError(f"{source}: {n} {tower} heads do not divide width {width}")
+  if quick_gelu is None:
+    gelu = [n for n in names if not clip.ARCHITECTURES[n].quick_gelu and
+            (clip.ARCHITECTURES[n].vision_heads, clip.ARCHITECTURES[n].text_heads) == heads]
+    choice = (f"arch='{gelu[0]}' for GELU (open_clip's default, and what the official "
+              f"NegBench scripts use for checkpoint files) or arch='{gelu[0]}-quickgelu' for "
+              f"QuickGELU (what OpenAI CLIP and models fine-tuned from it were trained with)"
+              if gelu else "quick_gelu=False for GELU (open_clip's default) or "
+              "quick_gelu=True for QuickGELU (OpenAI CLIP's)")
+    raise CheckpointError(
+        f"{source}: the file does not record its activation, and GELU and QuickGELU give "
+        f"different features from the same weights. Pass {choice}")
+  return clip.CLIPConfig(**shapes, vision_heads=heads[0], text_heads=heads[1],
+                         quick_gelu=quick_gelu)
+
+
+def _activation(quick_gelu):
+  return "QuickGELU" if quick_gelu else "GELU"
+
+
+def check_finite(named_arrays, source: str, allow: bool = False) -> None:
+  """Refuses weights holding NaN or Inf (every number from them would be meaningless);
+  with `allow`, warns instead."""
+  bad = {}
+  for name, value in named_arrays:
+    value = np.asarray(value)
+    if value.dtype.kind in "fV":  # V: bfloat16
+      count = value.size - int(np.count_nonzero(np.isfinite(value)))
+      if count:
+        bad[name] = count
+  if not bad:
+    return
+  listed = ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:5])
+  message = (f"{source}: {sum(bad.values())} NaN/Inf values in {len(bad)} tensors: {listed}"
+             f"{' …' if len(bad) > 5 else ''}")
+  if not allow:
+    raise CheckpointError(f"{message}; pass allow_nonfinite=True to load it anyway")
+  log.warning("%s", message)
 
 
 # ---------------------------------------------------------------------------------------
@@ -323,33 +416,36 @@ def _resolve(name: str) -> str:
     return target
   os.makedirs(os.path.dirname(target), exist_ok=True)
   log.info("downloading %s to %s", url, target)
-  try:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target))
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), suffix=".part")
+  try:  # a failed or interrupted download leaves nothing in the cache
     digest = hashlib.sha256()
     with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as src:
       while chunk := src.read(1 << 20):
         digest.update(chunk)
         out.write(chunk)
+    if digest.hexdigest() != url.split("/")[-2]:
+      raise CheckpointError(f"{name}: download from {url} has the wrong SHA-256")
+    os.replace(tmp, target)
   except OSError as e:
     raise CheckpointError(
         f"{name}: could not download {url} ({e}). Without a network, fetch that file "
         f"elsewhere and put it at {target} (or pass its path to load_model).") from None
-  if digest.hexdigest() != url.split("/")[-2]:
-    os.remove(tmp)
-    raise CheckpointError(f"{name}: download from {url} has the wrong SHA-256")
-  os.replace(tmp, target)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
   return target
 
 
 def read_canonical(path: str) -> tuple[dict, dict]:
-  """Reads any supported file into (open_clip state dict, hints for the architecture)."""
-  hints = {}
+  """Reads any supported file into (open_clip state dict, what the file records about its
+  architecture: some of "shapes", "heads", "quick_gelu")."""
+  recorded = {}
   if os.path.isdir(path):
     cfg_file = os.path.join(path, "config.json")
     for name in ("model.safetensors", "pytorch_model.bin"):
       if os.path.exists(os.path.join(path, name)) and os.path.exists(cfg_file):
         sd, _ = read_canonical(os.path.join(path, name))
-        return sd, hints | _hints_from_hf(cfg_file)
+        return sd, _recorded_by_hf(cfg_file)
     raise CheckpointError(f"{path}: a folder must be a Hugging Face CLIPModel (config.json + "
                           "model.safetensors) or a negjax Orbax checkpoint")
   if not os.path.exists(path):
@@ -357,47 +453,55 @@ def read_canonical(path: str) -> tuple[dict, dict]:
   if path.endswith(".safetensors"):
     sd, meta = _read_safetensors(path)
     if CONFIG_KEY in meta:
-      hints["config"] = json.loads(meta[CONFIG_KEY])
+      try:
+        recorded = _recorded(json.loads(meta[CONFIG_KEY]), path)
+      except ValueError as e:
+        raise CheckpointError(f"{path}: unreadable {CONFIG_KEY} metadata ({e})") from None
   else:
     sd, torchscript = _read_torch(path)
     if torchscript or any(k in sd for k in _OPENAI_EXTRAS):
-      hints["quick_gelu"] = True  # OpenAI's own releases all use QuickGELU
+      # OpenAI's own archives: QuickGELU, and heads 64 wide (its build_model's width // 64).
+      recorded = {"quick_gelu": True}
+      widths = [len(sd[k]) for k in ("visual.conv1.weight", "ln_final.weight") if k in sd]
+      if len(widths) == 2:
+        recorded["heads"] = (widths[0] // 64, widths[1] // 64)
   if _is_hf(sd):
     cfg_file = os.path.join(os.path.dirname(path), "config.json")
     if os.path.exists(cfg_file):
-      hints |= _hints_from_hf(cfg_file)
+      recorded = _recorded_by_hf(cfg_file)
     sd = from_hf(sd, path)
-  return sd, hints
+  return sd, recorded
 
 
-def _hints_from_hf(cfg_file):
+def _recorded_by_hf(cfg_file):
   quick, heads = _hf_options(cfg_file)
   return {"quick_gelu": quick, "heads": heads}
 
 
-def load_model(path_or_name: str, arch: str | None = None, **options) -> clip.CLIP:
+def load_model(path_or_name: str, arch: str | None = None, *,
+               heads: tuple[int, int] | None = None, quick_gelu: bool | None = None,
+               allow_nonfinite: bool = False, **options) -> clip.CLIP:
   """Loads CLIP weights from any supported file, folder or `openai:ARCH` name.
 
-  `arch` names the architecture (e.g. "ViT-B-32-quickgelu"); without it the architecture
-  is read from the file's metadata or inferred from tensor shapes. `options` set numerics
-  (dtype, param_dtype, scan_layers, remat).
+  The architecture comes from the file where it records it (negjax files, Hugging Face
+  config.json, OpenAI archives); what it does not record must be stated: `arch` (a
+  registered name, e.g. "ViT-B-32" or "ViT-B-32-quickgelu"), or for other shapes `heads`
+  ((vision, text) head counts) and `quick_gelu`. Weights holding NaN/Inf are refused unless
+  `allow_nonfinite`. `options` set numerics (dtype, param_dtype, scan_layers, remat).
   """
   path = str(path_or_name)
   if path.startswith("openai:"):
     path = _resolve(path)
+  stated = dict(arch=arch, heads=heads, quick_gelu=quick_gelu)
   if os.path.isdir(path) and os.path.exists(os.path.join(path, ORBAX_CONFIG_FILE)):
-    return load_orbax(path, **options)
-  sd, hints = read_canonical(path)
-  if arch is not None:
-    config = clip.get_config(arch)
-  elif "config" in hints:
-    config = clip.CLIPConfig(**hints["config"])
-  else:
-    config = infer_config(sd, path, hints.get("quick_gelu", False), hints.get("heads"))
-    if "quick_gelu" not in hints:
-      log.warning("%s: activation not recorded in the file; using GELU (open_clip's default). "
-                  "Pass arch='NAME-quickgelu' if these weights were trained with QuickGELU.",
-                  path)
+    config = choose_config(path, _recorded(_read_orbax_config(path), path), **stated)
+    model = load_orbax(path, config.replace(**options))
+    params = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+    check_finite(((jax.tree_util.keystr(k), v) for k, v in params), path, allow_nonfinite)
+    return model
+  sd, recorded = read_canonical(path)
+  config = choose_config(path, recorded, sd, **stated)
+  check_finite(sd.items(), path, allow_nonfinite)
   return from_state_dict(sd, config.replace(**options), path)
 
 
@@ -415,21 +519,35 @@ def save_open_clip(model: clip.CLIP, path: str, dtype="float32") -> None:
 
 
 def save_orbax(model: clip.CLIP, directory: str) -> None:
-  """Writes parameters as an Orbax checkpoint plus the architecture beside it."""
+  """Writes parameters as an Orbax checkpoint plus the architecture beside it.
+
+  Orbax creates folders asynchronously by default; when that fails (a file where the
+  folder should be, a read-only or vanished parent) its other save threads wait for the
+  folder for 5 minutes and keep the process from exiting. Creating them up front, without
+  that option, makes such a failure an immediate error."""
   import orbax.checkpoint as ocp
   directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
   params = nnx.state(model, nnx.Param)
-  with ocp.StandardCheckpointer() as ckptr:
+  options = ocp.options.AsyncOptions(create_directories_asynchronously=False)
+  with ocp.StandardCheckpointer(async_options=options) as ckptr:
     ckptr.save(os.path.join(directory, "params"), params, force=True)
   with open(os.path.join(directory, ORBAX_CONFIG_FILE), "w") as f:
     json.dump(model.config.architecture, f, indent=1)
 
 
-def load_orbax(directory: str, **options) -> clip.CLIP:
+def _read_orbax_config(directory):
+  path = os.path.join(directory, ORBAX_CONFIG_FILE)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+
+
+def load_orbax(directory: str, config: clip.CLIPConfig) -> clip.CLIP:
   import orbax.checkpoint as ocp
   directory = os.path.abspath(directory)
-  with open(os.path.join(directory, ORBAX_CONFIG_FILE)) as f:
-    config = clip.CLIPConfig(**json.load(f)).replace(**options)
   model = nnx.eval_shape(lambda: clip.CLIP(config, nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   with ocp.StandardCheckpointer() as ckptr:

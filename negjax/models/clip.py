@@ -47,11 +47,13 @@ class CLIPConfig:
     return {n: getattr(self, n) for n in names[:names.index("quick_gelu") + 1]}
 
 
-def _vit(embed_dim, image_size, patch, width, layers, text_width, text_layers, quick=False):
+def _vit(embed_dim, image_size, patch, width, layers, text_width, text_layers, heads=None):
+  """A ViT CLIP; heads default to 64 wide, as in OpenAI's CLIP and most of open_clip's."""
+  heads = heads or (width // 64, text_width // 64)
   return CLIPConfig(
       embed_dim=embed_dim, image_size=image_size, patch_size=patch, vision_width=width,
-      vision_layers=layers, vision_heads=width // 64, text_width=text_width,
-      text_layers=text_layers, text_heads=text_width // 64, quick_gelu=quick)
+      vision_layers=layers, vision_heads=heads[0], text_width=text_width,
+      text_layers=text_layers, text_heads=heads[1])
 
 
 # open_clip's names. Every architecture also exists as NAME-quickgelu.
@@ -60,6 +62,10 @@ _BASE = {
     "ViT-B-16": _vit(512, 224, 16, 768, 12, 512, 12),
     "ViT-L-14": _vit(768, 224, 14, 1024, 24, 768, 12),
     "ViT-L-14-336": _vit(768, 336, 14, 1024, 24, 768, 12),
+    # open_clip 3.3.0 model_configs/ViT-H-14.json, ViT-H-16.json: vision width 1280, 32
+    # layers, head_width 80 (16 heads); text width 1024, 24 layers, 16 heads; embed 1024.
+    "ViT-H-14": _vit(1024, 224, 14, 1280, 32, 1024, 24, heads=(16, 16)),
+    "ViT-H-16": _vit(1024, 224, 16, 1280, 32, 1024, 24, heads=(16, 16)),
     # Small enough for CPU tests: 32px images, two layers of two heads per tower.
     "negjax-tiny": _vit(64, 32, 8, 128, 2, 128, 2),
     # The shapes-CLIP that ships with negjax: 64px images, four layers per tower.
@@ -82,6 +88,21 @@ def architecture_name(config: CLIPConfig) -> str | None:
     if known.architecture == config.architecture:
       return name
   return None
+
+
+def weight_shapes(config: CLIPConfig) -> dict:
+  """The architecture fields that tensor shapes fix: all but the head counts and the
+  activation, which no shape shows."""
+  return {k: v for k, v in config.architecture.items()
+          if k not in ("vision_heads", "text_heads", "quick_gelu")}
+
+
+def same_shapes(shapes: dict) -> list[str]:
+  """Registered names whose weights have these `weight_shapes` (the MLP compared by its
+  hidden width, so that a ratio written as 4.3637 still matches)."""
+  def key(s):
+    return {**s, "mlp_ratio": round(s["vision_width"] * s["mlp_ratio"])}
+  return [n for n, known in ARCHITECTURES.items() if key(weight_shapes(known)) == key(shapes)]
 
 
 def open_clip_config(config: CLIPConfig) -> dict:
@@ -270,7 +291,12 @@ class CLIP(nnx.Module):
 
   def encode_image(self, images):
     """float32 NHWC, already preprocessed -> unnormalised [N, embed_dim] features."""
-    return self.visual(jnp.asarray(images)).astype(jnp.float32)
+    images = jnp.asarray(images)
+    size = self.config.image_size
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3):
+      raise ValueError(f"encode_image: got images of shape {tuple(images.shape)}; this model "
+                       f"takes [N, {size}, {size}, 3] (preprocess(image, size={size}))")
+    return self.visual(images).astype(jnp.float32)
 
   def encode_text(self, ids):
     """int32 [N, context_length] token ids -> unnormalised [N, embed_dim] features."""
