@@ -2,8 +2,11 @@
 
   model = negjax.load_model("ViT-B-32.pt")           # OpenAI / open_clip / HF / safetensors
   ids = negjax.tokenize(["a dog but no cat"])         # int32 [N, 77]
-  img = negjax.preprocess(PIL.Image.open("x.jpg"))    # float32 [224, 224, 3]
+  img = negjax.preprocess(PIL.Image.open("x.jpg"), size=model.config.image_size)
   model.encode_image(img[None]), model.encode_text(ids)
+
+A file that does not record its activation (or, for unregistered shapes, its attention
+heads) needs `arch=` (or `heads=`, `quick_gelu=`): see `load_model`.
 """
 from negjax.models.checkpoints import load_model, save_open_clip
 from negjax.models.clip import CLIP, CLIPConfig

@@ -1,6 +1,8 @@
 """The PyTorch reference (open_clip), imported safely, for parity tests and benchmarks.
 
-Needs the `[test]` extra. The product itself never imports this module.
+Needs the `[test]` extra. The product itself never imports this module. In the `[test]`
+venv a plain `import open_clip` fails (its torchvision does not match the CPU torch):
+`negjax.reference.open_clip()` is the way to get open_clip there.
 """
 import functools
 
