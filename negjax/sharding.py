@@ -33,6 +33,15 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def process_0_says(flag: bool) -> bool:
+  """Process 0's `flag` on every process: for decisions read from the workdir, which other
+  hosts may see differently (or not at all), and which all processes must share."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   """A (data, fsdp) mesh; one size may be -1 to take the remaining devices."""
   devices = list(devices if devices is not None else jax.devices())

@@ -1,52 +1,73 @@
 """`python -m negjax.train --config configs/negclip.py`: NegCLIP-style fine-tuning.
 
-Reads top to bottom: mesh -> data -> model and optimizer (created sharded) -> resume ->
-evaluate -> train -> evaluate -> report. The step itself lives in `negjax.train_step`.
+Reads top to bottom: config check -> workdir lock -> mesh -> data -> model and optimizer
+(created sharded) -> evaluate -> resume -> train -> evaluate -> export and report. The
+step itself lives in `negjax.train_step`; what a workdir holds: config.json (see
+`negjax.train_config`), checkpoints/, metrics.jsonl, eval_before.json, eval_after.json,
+provenance.json, report.txt, training.png, model.safetensors.
 """
+import csv
+import datetime
 import json
 import logging
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
 from flax import nnx
 from ml_collections import config_flags
 
-from negjax import checkpoint, sharding, train_log, train_step
+from negjax import checkpoint, cli, provenance, sharding, train_config, train_log, train_step
+from negjax import workdir as workdir_lock
 from negjax.data import train_input
 from negjax.models import checkpoints, clip
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file")
 SHAPES_CHECKPOINT = os.path.join(os.path.dirname(__file__), "assets", "shapes_clip.safetensors")
 log = logging.getLogger("negjax.train")
+HASH_LIMIT = 8 << 30  # provenance: data larger than this is recorded without a content hash
+EVAL_INPUTS = ("model.", "data.dir", "eval.enabled", "eval.files", "eval.data_root",
+               "eval.batch_size")  # what eval_before.json depends on
+
+
+def initial_checkpoint(model_config) -> str | None:
+  """The file the run starts from (None: random weights)."""
+  if model_config.init == "random":
+    return None
+  if model_config.init == "shapes":
+    return SHAPES_CHECKPOINT
+  if model_config.init.startswith("openai:"):
+    return checkpoints._resolve(model_config.init)  # the cached download
+  return model_config.init
 
 
 def load_initial_model(model_config):
   options = dict(dtype=jnp.dtype(model_config.dtype), scan_layers=model_config.scan_layers,
                  remat=model_config.remat)
-  if model_config.init == "random":
+  path = initial_checkpoint(model_config)
+  if path is None:
     return clip.CLIP(clip.get_config(model_config.arch, **options), nnx.Rngs(0))
-  path = SHAPES_CHECKPOINT if model_config.init == "shapes" else model_config.init
   return checkpoints.load_model(path, arch=model_config.arch, **options)
 
 
-def evaluate(graphdef, params, eval_config, data, step, run_log):
-  """NegBench metrics on the configured files; logged with the step."""
+def eval_files(eval_config, data) -> tuple[list, str]:
+  root = eval_config.data_root or data.eval_root
+  files = eval_config.files.split(",") if eval_config.files else list(data.eval_files)
+  return files, root
+
+
+def evaluate(graphdef, params, eval_config, data):
+  """NegBench metrics on the configured files ({} when evaluation is off)."""
   if not eval_config.enabled:
     return {}
   from negjax import evaluate as evaluator
   if jax.process_count() > 1:  # the evaluator encodes each process's share with local weights
     params = jax.device_put(sharding.to_host(params), jax.local_devices()[0])
-  model = nnx.merge(graphdef, params)
-  results = evaluator.evaluate_files(
-      model, files=eval_config.files.split(",") if eval_config.files else data.eval_files,
-      data_root=eval_config.data_root or data.eval_root, batch_size=eval_config.batch_size)
-  run_log.write(step, eval=results)
-  return results
+  files, root = eval_files(eval_config, data)
+  return evaluator.evaluate_files(nnx.merge(graphdef, params), files=files, data_root=root,
+                                  batch_size=eval_config.batch_size)
 
 
 def summary(results) -> dict:
@@ -66,21 +87,39 @@ def summary(results) -> dict:
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
+  try:
+    train(_CONFIG.value)
+  except checkpoint.WriteError as e:  # Orbax's threads may never end: exit without them
+    checkpoint.abort(e, debug=cli.debugging())
+
+
+def train(config):
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
+  logging.getLogger("absl").setLevel(logging.CRITICAL)  # Orbax's chatter; errors reach us
+  train_config.validate(config)  # before anything slow: a typo costs seconds, not a build
   sharding.initialize_distributed()
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
+  workdir_lock.lock(workdir)  # held until the process ends
   is_main = jax.process_index() == 0
 
   # ------------------------------------------------------------------ mesh
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  try:
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  except ValueError as e:
+    raise cli.UserError(str(e)) from None
   n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.batch_size % n_batch_shards:
-    sys.exit(f"batch_size {config.batch_size} must divide by the {n_batch_shards} batch shards")
+    raise cli.UserError(f"batch_size {config.batch_size} must divide by the {n_batch_shards} "
+                        f"batch shards (mesh {dict(mesh.shape)})")
   log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(),
            jax.process_count())
+
+  # ------------------------------------------------- config.json, resume check
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+  saved_config, changed = train_config.settle(workdir, config, ckpt.latest_step() is not None)
+  for key, (old, new) in changed.items():
+    log.warning("config change on resume (allowed): %s %r -> %r", key, old, new)
 
   # ------------------------------------------------------------------ data
   data = train_input.prepare(config.data, config.seed)
@@ -93,83 +132,150 @@ def main(argv):
   graphdef, params = nnx.split(model, nnx.Param)
   tx, schedule = train_step.make_optimizer(config.optim, config.total_steps)
   state, state_shardings = train_step.init_state(params, tx, mesh)
-  log.info("model %s: %.1fM parameters", clip.architecture_name(model.config) or "custom",
-           clip.num_params(model) / 1e6)
+  architecture = clip.architecture_name(model.config) or "custom"
+  log.info("model %s: %.1fM parameters", architecture, clip.num_params(model) / 1e6)
   del model
 
+  # ------------------------------------------- evaluate the initial model
+  before_path = os.path.join(workdir, "eval_before.json")
+  reuse = sharding.process_0_says(
+      os.path.exists(before_path) and train_config.same(saved_config, config, EVAL_INPUTS))
+  if reuse:
+    before = {}
+    if is_main:  # the only reader: other hosts may not see the workdir
+      with open(before_path) as f:
+        before = json.load(f)
+  else:
+    before = evaluate(graphdef, state["params"], config.eval, data)
+    if is_main:
+      _write_json(before_path, before)
+
   # ------------------------------------------------------------ resume
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
-  start = ckpt.latest_step()
+  start, restored = ckpt.restore_latest(state, state_shardings, train_iter)
   if start is not None:
-    state = ckpt.restore(start, state, state_shardings, train_iter)
+    state = restored
     log.info("resumed from step %d", start)
   start = int(start or 0)
   run_log = train_log.RunLog(workdir, config.total_steps, start, enabled=is_main)
-
-  # ------------------------------------------------------- evaluate before
-  before_path = os.path.join(workdir, "eval_before.json")
-  if os.path.exists(before_path):
-    with open(before_path) as f:
-      before = json.load(f)
-  else:
-    before = evaluate(graphdef, state["params"], config.eval, data, start, run_log)
-    if is_main:
-      with open(before_path, "w") as f:
-        json.dump(before, f, indent=1)
+  if changed:
+    run_log.write(start, config_change={k: list(v) for k, v in changed.items()})
+  if config.eval.enabled and (start == 0 or not reuse):
+    run_log.write(0, eval=before)
+  if is_main:
+    record = provenance.record(
+        checkpoint=initial_checkpoint(config.model), architecture=architecture,
+        dtype=config.model.dtype, data=data_records(config.eval, data),
+        config=train_config.as_dict(config), start_step=start, total_steps=config.total_steps)
+    _write_json(os.path.join(workdir, "provenance.json"), record)
 
   # ------------------------------------------------------------- train
   step_fn = train_step.make_train_step(graphdef, tx, schedule, config.loss, mesh,
                                        state_shardings)
   previous = None  # the previous step's metrics, read one step late so the host never waits
   t_data, t_last, since_log = 0.0, time.perf_counter(), 0
-  for step in range(start, config.total_steps):
-    t0 = time.perf_counter()
-    batch = train_input.trim_text(next(train_iter), config.data.text_multiple)
-    batch = sharding.global_batch(batch, mesh)
-    t_data += time.perf_counter() - t0
-    state, metrics = step_fn(state, batch)
-    if previous is not None:
-      _stop_if_not_finite(previous, step, ckpt, run_log)
-    previous, done = metrics, step + 1
-    since_log += 1
-    run_log.advance()
-    last = done == config.total_steps
-    if done % config.log_every == 0 or last:
-      m = jax.device_get(metrics)
-      elapsed = time.perf_counter() - t_last
-      # Steps run asynchronously: a step's compute shows up as wall time, not dispatch time.
-      rates = {"samples_per_s": since_log * config.batch_size / elapsed,
-               "step_time": (elapsed - t_data) / since_log, "data_time": t_data / since_log}
-      run_log.write(done, **m, **rates)
-      run_log.console(
-          f"step {done:6d} | loss {m['loss']:.4f} (contrastive {m['contrastive_loss']:.4f}, "
-          f"mcq {m['mcq_loss']:.4f}) | lr {m['lr']:.2e} | scale {m['logit_scale']:.1f} | "
-          f"{rates['samples_per_s']:.1f} samples/s | step {rates['step_time'] * 1e3:.0f} ms, "
-          f"data {rates['data_time'] * 1e3:.0f} ms")
-      t_data, t_last, since_log = 0.0, time.perf_counter(), 0
-    if done % config.checkpoint_every == 0 or last:
-      _stop_if_not_finite(metrics, done, ckpt, run_log, state["params"])  # never save NaNs
-      ckpt.save(done, state, train_iter)
-    if config.eval.every and done % config.eval.every == 0 and not last:
-      evaluate(graphdef, state["params"], config.eval, data, done, run_log)
-  ckpt.close()
-  run_log.close()
+  try:  # an error ends the progress bar's line before it is printed
+    for step in range(start, config.total_steps):
+      t0 = time.perf_counter()
+      batch = train_input.trim_text(next(train_iter), config.data.text_multiple)
+      batch = sharding.global_batch(batch, mesh)
+      t_data += time.perf_counter() - t0
+      state, metrics = step_fn(state, batch)
+      if previous is not None:
+        _stop_if_not_finite(previous, step, ckpt, run_log)
+      previous, done = metrics, step + 1
+      since_log += 1
+      run_log.advance()
+      last = done == config.total_steps
+      if done % config.log_every == 0 or last:
+        m = jax.device_get(metrics)
+        elapsed = time.perf_counter() - t_last
+        # Steps run asynchronously: a step's compute shows up as wall time, not dispatch time.
+        rates = {"samples_per_s": since_log * config.batch_size / elapsed,
+                 "step_time": (elapsed - t_data) / since_log, "data_time": t_data / since_log}
+        run_log.write(done, **m, **rates)
+        run_log.console(
+            f"step {done:6d} | loss {m['loss']:.4f} (contrastive {m['contrastive_loss']:.4f}, "
+            f"mcq {m['mcq_loss']:.4f}) | lr {m['lr']:.2e} | scale {m['logit_scale']:.1f} | "
+            f"{rates['samples_per_s']:.1f} samples/s | step {rates['step_time'] * 1e3:.0f} ms, "
+            f"data {rates['data_time'] * 1e3:.0f} ms")
+        t_data, t_last, since_log = 0.0, time.perf_counter(), 0
+      if done % config.checkpoint_every == 0 or last:
+        _stop_if_not_finite(metrics, done, ckpt, run_log, state["params"])  # never save NaNs
+        ckpt.save(done, state, train_iter)
+      if config.eval.every and done % config.eval.every == 0 and not last:
+        run_log.write(done, eval=evaluate(graphdef, state["params"], config.eval, data))
+    ckpt.close()
+  finally:
+    run_log.close()
 
-  # --------------------------------------------------- evaluate after + report
-  after = evaluate(graphdef, state["params"], config.eval, data, config.total_steps, run_log)
+  # ------------------------------------------- evaluate after, export, report
+  after = evaluate(graphdef, state["params"], config.eval, data)
+  if config.eval.enabled:
+    run_log.write(config.total_steps, eval=after)
   final_params = sharding.to_host(state["params"])  # a collective: every process takes part
   if is_main:
-    with open(os.path.join(workdir, "eval_after.json"), "w") as f:
-      json.dump(after, f, indent=1)
+    _write_json(os.path.join(workdir, "eval_after.json"), after)
+    export = config.export or os.path.join(workdir, "model.safetensors")
+    checkpoints.save_open_clip(nnx.merge(graphdef, final_params), export, config.export_dtype)
+    record.update(finished=datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"), exported_model=provenance.file_record(export))
+    _write_json(os.path.join(workdir, "provenance.json"), record)
     table = report(before, after)
     print(table)
     with open(os.path.join(workdir, "report.txt"), "w") as f:
-      f.write(table + "\n")
+      f.write(report_header(record) + "\n\n" + table + "\n")
     b, a = summary(before), summary(after)
     print("curves and metrics:", train_log.plot_run(workdir, b, a, sorted(set(b) | set(a))))
-    export = config.export or os.path.join(workdir, "model.safetensors")
-    checkpoints.save_open_clip(nnx.merge(graphdef, final_params), export, config.export_dtype)
     print("fine-tuned model:", export)
+
+
+def data_records(eval_config, data) -> list:
+  """Provenance of the training shards and the evaluation CSVs, with row counts."""
+  from negjax.data import records
+  out = [_file_record(data.train_dir, len(records.training_source(data.train_dir)), "train")]
+  if eval_config.enabled:
+    files, root = eval_files(eval_config, data)
+    for file in files:
+      if root and not os.path.isabs(file) and not os.path.exists(file):
+        file = os.path.join(root, file)
+      with open(file, newline="") as f:
+        rows = sum(1 for _ in csv.reader(f)) - 1  # less the header
+      out.append(_file_record(file, rows, "eval"))
+  return out
+
+
+def _file_record(path, rows, role) -> dict:
+  if provenance.size(path) <= HASH_LIMIT:
+    return dict(provenance.file_record(path, rows), role=role)
+  log.warning("provenance: %s is over %d GiB, recorded without a content hash", path,
+              HASH_LIMIT >> 30)
+  return {"path": os.path.abspath(path), "bytes": provenance.size(path), "rows": rows,
+          "sha256": None, "role": role}
+
+
+def report_header(record) -> str:
+  """Where the numbers below come from, in a few lines (all of it: provenance.json)."""
+  def describe(r):
+    if not r:
+      return "random weights"
+    digest = (r.get("sha256") or "not hashed")[:16]
+    rows = f"{r['rows']} rows, " if "rows" in r else ""
+    return f"{r['path']} ({rows}{r.get('bytes', 0) / 1e6:.1f} MB, sha256 {digest})"
+  lines = [f"negjax {record['negjax_version']}, {record['date']}, {record['devices']} "
+           f"{record['backend']} devices",
+           f"initial model: {describe(record.get('checkpoint'))}, "
+           f"{record['architecture']}, {record['dtype']}",
+           f"steps: {record['start_step']} -> {record['total_steps']}"
+           if record["start_step"] else f"steps: {record['total_steps']}"]
+  lines += [f"{r['role']} data: {describe(r)}" for r in record["data"]]
+  lines.append(f"fine-tuned model: {describe(record['exported_model'])}")
+  return "\n".join(lines)
+
+
+def _write_json(path, obj) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(path + ".tmp", path)
 
 
 @jax.jit
@@ -185,9 +291,10 @@ def _stop_if_not_finite(metrics, step, ckpt, run_log, params=None):
   if not (np.isfinite(loss) and np.isfinite(grad_norm) and params_ok):
     ckpt.wait()
     run_log.close()
-    sys.exit(f"error: non-finite loss {loss} / gradient norm {grad_norm} at step {step}; "
-             f"stopping. The last good checkpoint (step {ckpt.latest_step()}) is kept: lower "
-             f"the learning rate or check the data, then rerun to resume from it.")
+    raise cli.UserError(
+        f"non-finite loss {loss} / gradient norm {grad_norm} at step {step}; stopping. The "
+        f"last good checkpoint (step {ckpt.latest_step()}) is kept: lower the learning rate "
+        f"or check the data, then rerun to resume from it.")
 
 
 def report(before: dict, after: dict) -> str:
@@ -209,4 +316,4 @@ def report(before: dict, after: dict) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,11 +9,20 @@ from tqdm import tqdm
 
 
 class RunLog:
-  """Console + `workdir/metrics.jsonl`. Each record carries the step."""
+  """Console + `workdir/metrics.jsonl`. Each record carries the step.
+
+  A run resumed from step S keeps the records up to S and drops later ones (the work after
+  the checkpoint, which is being redone), so no step is logged twice; a run from step 0
+  starts an empty log."""
 
   def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
+    if enabled and os.path.exists(self.path):
+      kept = [r for r in read_records(workdir) if start_step and r["step"] <= start_step]
+      with open(self.path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+      os.replace(self.path + ".tmp", self.path)
     self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                     dynamic_ncols=True, disable=not enabled)
 
@@ -50,8 +59,14 @@ def read_records(workdir: str) -> list[dict]:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
+  out = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:  # a line cut short by a kill
+        pass
+  return out
 
 
 def plot_run(workdir: str, before: dict, after: dict, keys: list[str]) -> str:

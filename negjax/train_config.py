@@ -1,0 +1,174 @@
+"""The training config: checked before anything is built, saved as WORKDIR/config.json,
+and compared with that file when a run resumes.
+
+A resumed run must be the run that was started. A changed key (data, model, loss, optimizer,
+seed, batch size, total_steps: the learning-rate schedule depends on it, ...) stops the
+resume with the list of changes, unless `allow_config_change=True`: the run then goes on,
+the changes are logged (console and metrics.jsonl) and config.json takes the new values.
+Keys under `CHANGEABLE` only change how a run is watched, laid out or exported, never what
+it computes, and may change freely. data.workers is not among them: the saved iterator
+state depends on it.
+"""
+import json
+import math
+import os
+
+import jax
+
+from negjax import cli, sharding
+
+CHANGEABLE = ("workdir", "allow_config_change", "log_every", "checkpoint_every",
+              "keep_checkpoints", "mesh.", "model.remat", "data.text_multiple", "eval.",
+              "export", "export_dtype")
+FILE = "config.json"
+
+
+def validate(config) -> None:
+  """Every bad value at once, as one `cli.UserError` line, before any data or model work."""
+  c, problems = config, []
+
+  def need(ok, message):
+    if not ok:
+      problems.append(message)
+
+  def positive(key, value, zero_ok=False):
+    ok = isinstance(value, int) and not isinstance(value, bool) and (
+        value >= 0 if zero_ok else value > 0)
+    need(ok, f"{key} must be {'>= 0' if zero_ok else 'a positive integer'}, got {value!r}")
+
+  def number(key, value, low=0.0, high=math.inf, low_open=False):
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and
+          math.isfinite(value) and (value > low if low_open else value >= low) and value <= high)
+    bounds = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+    need(ok, f"{key} must be a finite number {bounds}, got {value!r}")
+
+  need(bool(c.workdir), "workdir must be set")
+  for key in ("batch_size", "total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    positive(key, c[key])
+  positive("eval.every", c.eval.every, zero_ok=True)
+  positive("eval.batch_size", c.eval.batch_size)
+  for axis in ("data", "fsdp"):
+    size = c.mesh[axis]
+    need(isinstance(size, int) and (size == -1 or size >= 1),
+         f"mesh.{axis} must be -1 (the remaining devices) or >= 1, got {size!r}")
+  need(not (c.mesh.data == -1 and c.mesh.fsdp == -1), "at most one of mesh.data and "
+       "mesh.fsdp may be -1")
+
+  number("loss.contrastive_weight", c.loss.contrastive_weight)
+  number("loss.mcq_weight", c.loss.mcq_weight)
+  need(c.loss.contrastive_weight != 0 or c.loss.mcq_weight != 0,
+       "loss.contrastive_weight and loss.mcq_weight are both 0: nothing to train")
+  number("optim.lr", c.optim.lr, low_open=True)
+  positive("optim.warmup_steps", c.optim.warmup_steps, zero_ok=True)
+  number("optim.end_ratio", c.optim.end_ratio, high=1.0)
+  number("optim.weight_decay", c.optim.weight_decay)
+  number("optim.b1", c.optim.b1, high=1.0)
+  number("optim.b2", c.optim.b2, high=1.0)
+  number("optim.eps", c.optim.eps, low_open=True)
+  number("optim.grad_clip", c.optim.grad_clip)
+
+  positive("data.text_length", c.data.text_length)
+  positive("data.text_multiple", c.data.text_multiple, zero_ok=True)
+  positive("data.workers", c.data.workers, zero_ok=True)
+  need(bool(c.data.captions), "data.captions must name at least one caption pool")
+  weights = c.data.get("mcq_answer_weights")
+  if weights:
+    need(c.data.get("fresh_mcq", False), "data.mcq_answer_weights applies to drawn MCQs: "
+         "set data.fresh_mcq=True")
+    need(len(weights) == 3 and all(isinstance(w, (int, float)) and w >= 0 for w in weights)
+         and sum(weights) > 0, "data.mcq_answer_weights must be 3 numbers >= 0 (positive, "
+         f"negative, hybrid), not all 0, got {tuple(weights)!r}")
+  for key in ("data.dir", "eval.data_root"):
+    path = c[key.split(".")[0]][key.split(".")[1]]
+    need(path is None or os.path.isdir(path), f"{key}: no such folder: {path}")
+
+  for key, value in (("model.dtype", c.model.dtype), ("export_dtype", c.export_dtype)):
+    need(value in ("float32", "bfloat16", "float16"),
+         f"{key} must be float32, bfloat16 or float16, got {value!r}")
+  init = c.model.init
+  need(init != "random" or c.model.arch, "model.init=random needs model.arch (e.g. "
+       "--config.model.arch=negjax-tiny)")
+  need(init in ("random", "shapes") or init.startswith("openai:") or os.path.exists(init),
+       f"model.init: no such checkpoint: {init}")
+  if c.model.arch:
+    from negjax.models import clip
+    need(c.model.arch in clip.ARCHITECTURES, f"model.arch: unknown architecture "
+         f"{c.model.arch!r}; known: {', '.join(sorted(clip.ARCHITECTURES))}")
+  if problems:
+    raise cli.UserError("config: " + "; ".join(problems))
+
+
+def as_dict(config) -> dict:
+  """The config as plain JSON values (tuples become lists), as config.json holds it."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def changes(saved: dict, current: dict) -> dict:
+  """{"optim.lr": (old, new)} for every key that differs, changeable keys left out."""
+  old, new = _flat(saved), _flat(current)
+  out = {}
+  for key in sorted(set(old) | set(new)):
+    if old.get(key, "<absent>") != new.get(key, "<absent>") and not _matches(key, CHANGEABLE):
+      out[key] = (old.get(key, "<absent>"), new.get(key, "<absent>"))
+  return out
+
+
+def load(workdir: str) -> dict | None:
+  """The workdir's config.json (None if it has none)."""
+  path = os.path.join(workdir, FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def settle(workdir: str, config, resuming: bool) -> tuple[dict | None, dict]:
+  """Process 0 compares `config` with config.json before a resume, refusing a change
+  (`cli.UserError`, on every process) unless config.allow_config_change, then saves the new
+  config.json. Returns (the saved config or None, {key: (old, new)}) on process 0."""
+  saved, found, problem = None, {}, None
+  if jax.process_index() == 0:
+    saved = load(workdir)
+    if resuming and saved is not None:  # (a workdir from before config.json: nothing to check)
+      found = changes(saved, as_dict(config))
+    if found and not config.get("allow_config_change", False):
+      listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in found.items())
+      problem = (f"{workdir} holds a run with another config ({listed}); resume with the "
+                 f"same values, use another workdir, or pass --config.allow_config_change=True")
+    else:
+      save(workdir, config)
+  if not sharding.process_0_says(problem is None):
+    raise cli.UserError(problem or "process 0 refused to resume: see its error line")
+  return saved, found
+
+
+def same(saved: dict | None, config, keys) -> bool:
+  """Whether `config` has the saved values for `keys` (names, or prefixes ending in ".")."""
+  if saved is None:
+    return False
+  old, new = _flat(saved), _flat(as_dict(config))
+  chosen = lambda d: {k: v for k, v in d.items() if _matches(k, keys)}
+  return chosen(old) == chosen(new)
+
+
+def save(workdir: str, config) -> None:
+  """Writes WORKDIR/config.json atomically."""
+  path = os.path.join(workdir, FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(as_dict(config), f, indent=1, sort_keys=True)
+    f.write("\n")
+  os.replace(path + ".tmp", path)
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _matches(key: str, names) -> bool:
+  return any(key == n or (n.endswith(".") and key.startswith(n)) for n in names)
