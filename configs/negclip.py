@@ -4,15 +4,17 @@ Embedded default (no data, no weights, 2 CPU cores, about 9 minutes):
 
   python -m negjax.train --config configs/negclip.py
 
-builds the shapes world (into ~/.cache/negjax/shapes unless --config.data.dir is set),
-loads the shapes-CLIP that ships inside negjax (trained on affirmative captions only, see
+builds the shapes world (into ~/.cache/negjax/shapes-..., a folder named by the world's
+settings and the data-engine version, unless --config.data.dir is set), loads the
+shapes-CLIP that ships inside negjax (trained on affirmative captions only, see
 configs/shapes_clip.py), evaluates it on the shapes NegBench files, fine-tunes it on
 shapes NegFull (NegCap captions + MCQs drawn afresh at every visit, weighted towards
-negation), evaluates again and prints a before/after table. Measured on 2 CPU cores from an
-empty cache (1000 steps of 32; 8m34s with the world build): negation-template MCQ accuracy
-0.03 -> 0.49, affirmation 0.53 -> 0.60, hybrid 0.20 -> 0.48, negated-retrieval Recall@5
-0.08 -> 0.20; plain retrieval Recall@5 drops 0.86 -> 0.71 (the small model trades some of
-it for negation). With --config.seed=1: negation 0.03 -> 0.62, negated Recall@5 -> 0.20.
+negation), evaluates again and prints a before/after table. Measured from an empty cache
+(data engine version 2, 1000 steps of 32; world build 51 s; 25m24s wall on a shared 2-core
+machine that gave the run 41% of its CPU, 10.6 CPU-minutes; an earlier run on idle cores
+took 8m34s): negation-template MCQ accuracy 0.03 -> 0.47, affirmation 0.49 -> 0.59, hybrid
+0.23 -> 0.47, negated-retrieval Recall@5 0.11 -> 0.29; plain retrieval Recall@5 drops
+0.86 -> 0.72 (the small model trades some of it for negation).
 
 The paper's released recipe (ViT-B/32 from OpenAI weights, lr 1e-8, contrastive weight 0.99,
 MCQ weight 0.01) on your own NegFull shards and NegBench files:
@@ -33,10 +35,12 @@ def get_config(preset: str = "shapes"):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.workdir = "runs/negclip-shapes"
+  c.allow_config_change = False  # resume although config.json differs (see train_config)
 
   c.model = ml_collections.ConfigDict()
   c.model.init = "shapes"  # a checkpoint path, `openai:ARCH`, "shapes" (packaged), "random"
-  c.model.arch = placeholder(str)  # architecture name; needed when init is "random"
+  c.model.arch = placeholder(str)  # e.g. "ViT-B-32"; needed for "random" and for files that
+  # do not record their activation / head count (negjax.load_model refuses to guess)
   c.model.dtype = "float32"  # compute dtype; params stay float32
   c.model.scan_layers = False
   c.model.remat = False
