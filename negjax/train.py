@@ -52,6 +52,19 @@ def load_initial_model(model_config):
   return checkpoints.load_model(path, arch=model_config.arch, **options)
 
 
+def build_data_once(config):
+  """The training data, built (shapes world) by process 0 before the others look: local
+  processes share one cache folder, and two builds of the same world must not race."""
+  if jax.process_index() == 0:
+    data = train_input.prepare(config.data, config.seed)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("negjax: training data ready")
+  if jax.process_index() != 0:  # finds process 0's build, or builds its own on another host
+    data = train_input.prepare(config.data, config.seed)
+  return data
+
+
 def eval_files(eval_config, data) -> tuple[list, str]:
   root = eval_config.data_root or data.eval_root
   files = eval_config.files.split(",") if eval_config.files else list(data.eval_files)
@@ -122,7 +135,7 @@ def train(config):
     log.warning("config change on resume (allowed): %s %r -> %r", key, old, new)
 
   # ------------------------------------------------------------------ data
-  data = train_input.prepare(config.data, config.seed)
+  data = build_data_once(config)
   model = load_initial_model(config.model)
   train_iter = train_input.make_iterator(
       data.train_dir, config.data, config.batch_size, config.seed,
