@@ -1,6 +1,6 @@
 """NegCLIP-style fine-tuning: contrastive loss on negated captions + MCQ loss on negated MCQs.
 
-Embedded default (no data, no weights, 2 CPU cores, about 9 minutes):
+Embedded default (no data, no weights, 2 CPU cores, about 6 minutes):
 
   python -m negjax.train --config configs/negclip.py
 
@@ -10,11 +10,11 @@ shapes-CLIP that ships inside negjax (trained on affirmative captions only, see
 configs/shapes_clip.py), evaluates it on the shapes NegBench files, fine-tunes it on
 shapes NegFull (NegCap captions + MCQs drawn afresh at every visit, weighted towards
 negation), evaluates again and prints a before/after table. Measured from an empty cache
-(data engine version 2, 1000 steps of 32; world build 51 s; 25m24s wall on a shared 2-core
-machine that gave the run 41% of its CPU, 10.6 CPU-minutes; an earlier run on idle cores
-took 8m34s): negation-template MCQ accuracy 0.03 -> 0.47, affirmation 0.49 -> 0.59, hybrid
-0.23 -> 0.47, negated-retrieval Recall@5 0.11 -> 0.29; plain retrieval Recall@5 drops
-0.86 -> 0.72 (the small model trades some of it for negation).
+(data engine version 2, 1000 steps of 32; 5m56s wall on 2 idle cores, world build 16 s
+included; the same numbers again on a loaded machine in 25m24s): negation-template MCQ
+accuracy 0.03 -> 0.47, affirmation 0.49 -> 0.59, hybrid 0.23 -> 0.47, negated-retrieval
+Recall@5 0.11 -> 0.29; plain retrieval Recall@5 drops 0.86 -> 0.72 (the small model trades
+some of it for negation).
 
 The paper's released recipe (ViT-B/32 from OpenAI weights, lr 1e-8, contrastive weight 0.99,
 MCQ weight 0.01) on your own NegFull shards and NegBench files:
