@@ -39,7 +39,7 @@ def initial_checkpoint(model_config) -> str | None:
   if model_config.init == "shapes":
     return SHAPES_CHECKPOINT
   if model_config.init.startswith("openai:"):
-    return checkpoints._resolve(model_config.init)  # the cached download
+    return checkpoints.resolve(model_config.init)  # the cached download
   return model_config.init
 
 

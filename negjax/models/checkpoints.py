@@ -404,8 +404,12 @@ def _is_hf(sd):
   return any(k.startswith(("vision_model.", "text_model.")) for k in sd)
 
 
-def _resolve(name: str) -> str:
-  """`openai:ARCH` -> the cached official file, downloading it when a network exists."""
+def resolve(name: str) -> str:
+  """The file behind a checkpoint name: `openai:ARCH` -> the cached official file
+  (downloaded when a network exists); any other name is returned as it is."""
+  name = str(name)
+  if not name.startswith("openai:"):
+    return name
   arch = name.split(":", 1)[1]
   if arch not in OPENAI_URLS:
     raise CheckpointError(f"{name}: unknown OpenAI model; known: "
@@ -490,8 +494,7 @@ def load_model(path_or_name: str, arch: str | None = None, *,
   `allow_nonfinite`. `options` set numerics (dtype, param_dtype, scan_layers, remat).
   """
   path = str(path_or_name)
-  if path.startswith("openai:"):
-    path = _resolve(path)
+  path = resolve(path)
   stated = dict(arch=arch, heads=heads, quick_gelu=quick_gelu)
   if os.path.isdir(path) and os.path.exists(os.path.join(path, ORBAX_CONFIG_FILE)):
     config = choose_config(path, _recorded(_read_orbax_config(path), path), **stated)
