@@ -8,9 +8,9 @@ resume on a different number of devices.
 When things go wrong:
 - A write that fails (disk full, folder replaced, network filesystem error) is a
   `WriteError` naming the step and the cause. Orbax's background threads may then wait for
-  each other forever, and Python's normal exit would wait for them: `abort` ends the
-  process at once. Step folders are created in the foreground so that a missing or
-  replaced folder fails right there rather than in a thread.
+  each other forever, and Python's normal exit would wait for them: the trainer ends the
+  process at once (`cli.fail(..., at_once=True)`). Step folders are created in the
+  foreground so that a missing or replaced folder fails right there, not in a thread.
 - A step that cannot be read back (a truncated array file, damaged metadata) is moved
   aside to `<directory>_unreadable/STEP` (kept for a look, and out of the way of the step's
   new save) with one line saying why, and the step before is tried.
@@ -19,7 +19,6 @@ When things go wrong:
 """
 import logging
 import os
-import sys
 
 import grain
 import jax
@@ -155,17 +154,6 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"negjax: checkpoint {step} moved aside")
     self.manager.reload()
     return dst
-
-
-def abort(error: Exception, debug: bool = False) -> None:
-  """Ends the process now with one `error:` line and exit 2, without waiting for Orbax's
-  background threads (a failed write can leave them waiting on each other forever)."""
-  if debug:
-    import traceback
-    traceback.print_exception(error)
-  print(f"error: {error}", file=sys.stderr, flush=True)
-  sys.stdout.flush()
-  os._exit(2)
 
 
 def one_line(e: BaseException) -> str:

@@ -31,10 +31,15 @@ def debugging(argv=None) -> bool:
   return "--debug" in argv or os.environ.get("NEGJAX_DEBUG", "") not in ("", "0")
 
 
-def fail(message) -> None:
-  """Ends the process with one `error:` line on stderr and exit status 2."""
+def fail(message, at_once: bool = False) -> None:
+  """Ends the process with one `error:` line on stderr and exit status 2. `at_once` skips
+  Python's shutdown, which waits for every non-daemon thread: after a failed write a
+  library's background threads (Orbax's) can wait on each other forever."""
   text = " ".join(str(message).split("\n")[0].split()) or "unknown error"
   print(f"error: {text}", file=sys.stderr, flush=True)
+  if at_once:
+    sys.stdout.flush()
+    os._exit(EXIT_USER_ERROR)
   sys.exit(EXIT_USER_ERROR)
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from negjax import cli, metrics, provenance, sharding
+from negjax import atomic, cli, metrics, provenance, sharding
 from negjax.data import eval_input, negbench
 from negjax.tokenizer import tokenize, used_length
 
@@ -221,15 +221,6 @@ def file_keys(paths):
   return keys
 
 
-def _agree(flags):
-  """Process 0's answer on every process (only process 0 reads the workdir)."""
-  flags = np.asarray(flags, np.int32)
-  if jax.process_count() > 1 and len(flags):
-    from jax.experimental import multihost_utils
-    flags = np.asarray(multihost_utils.broadcast_one_to_all(flags))
-  return flags > 0
-
-
 def _on_process_0(action):
   """`action()` on process 0 only; a user error there is raised on every process, so no
   host waits forever for one that stopped."""
@@ -239,7 +230,7 @@ def _on_process_0(action):
       value = action()
     except cli.UserError as e:
       error = e
-  if _agree([error is not None])[0]:
+  if sharding.process_0_says(error is not None):
     raise error or cli.UserError("process 0 stopped on an error about the workdir (see its log)")
   return value
 
@@ -260,7 +251,8 @@ def evaluate_sets(model, sets, batch_size=64, workers=0, progress=True, tie_rule
   if out is not None:
     out.plan(list(sets))
   keys = out.keys() if out is not None else file_keys(list(sets))
-  done = _agree([out is not None and out.done(p, max_skipped_fraction) for p in sets])
+  done = sharding.process_0_says(  # only process 0 reads the workdir
+      [out is not None and out.done(p, max_skipped_fraction) for p in sets])
   enc = Encoders(model)
   results = {}
   for (path, ds), already in zip(sets.items(), done):
@@ -360,26 +352,19 @@ def _format(value):
   return f"{value:.6f}" if isinstance(value, float) else str(value)
 
 
-def _write_atomic(path, write):
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", newline="") as f:
-    write(f)
-  os.replace(tmp, path)
-
-
 def write_results(results, workdir, run_provenance=None):
   """results.json ({"provenance", "results"}), results.csv (metric,value rows with the
   official names, counts included) and mcq_accuracy.png; each file replaced atomically."""
   os.makedirs(workdir, exist_ok=True)
   doc = {"provenance": run_provenance or {}, "results": results}
-  _write_atomic(os.path.join(workdir, "results.json"), lambda f: json.dump(doc, f, indent=1))
+  atomic.write_json(os.path.join(workdir, "results.json"), doc)
 
   def rows(f):
     w = csv.writer(f)
     w.writerow(["metric", "value"])
     for key, value in official_names(results).items():
       w.writerow([key, _format(value)])
-  _write_atomic(os.path.join(workdir, "results.csv"), rows)
+  atomic.write(os.path.join(workdir, "results.csv"), rows, newline="")
   plot_mcq(results, os.path.join(workdir, "mcq_accuracy.png"))
 
 

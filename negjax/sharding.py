@@ -33,13 +33,15 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def process_0_says(flag: bool) -> bool:
-  """Process 0's `flag` on every process: for decisions read from the workdir, which other
-  hosts may see differently (or not at all), and which all processes must share."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  from jax.experimental import multihost_utils
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+def process_0_says(flags):
+  """Process 0's `flags` (a bool, or a sequence of them) on every process: for decisions
+  read from the workdir, which other hosts may see differently (or not at all), and which
+  all processes must share. Returns a bool, or a NumPy bool array for a sequence."""
+  values = np.asarray(flags, np.int32)
+  if jax.process_count() > 1 and values.size:
+    from jax.experimental import multihost_utils
+    values = np.asarray(multihost_utils.broadcast_one_to_all(values))
+  return bool(values) if values.ndim == 0 else values > 0
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:

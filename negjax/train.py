@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,8 @@ import numpy as np
 from flax import nnx
 from ml_collections import config_flags
 
-from negjax import checkpoint, cli, provenance, sharding, train_config, train_log, train_step
+from negjax import atomic, checkpoint, cli, provenance, sharding, train_config, train_log
+from negjax import train_step
 from negjax import workdir as workdir_lock
 from negjax.data import train_input
 from negjax.models import checkpoints, clip
@@ -103,7 +105,9 @@ def main(argv):
   try:
     train(_CONFIG.value)
   except checkpoint.WriteError as e:  # Orbax's threads may never end: exit without them
-    checkpoint.abort(e, debug=cli.debugging())
+    if cli.debugging():
+      traceback.print_exception(e)
+    cli.fail(e, at_once=True)
 
 
 def train(config):
@@ -161,7 +165,7 @@ def train(config):
   else:
     before = evaluate(graphdef, state["params"], config.eval, data)
     if is_main:
-      _write_json(before_path, before)
+      atomic.write_json(before_path, before)
 
   # ------------------------------------------------------------ resume
   start, restored = ckpt.restore_latest(state, state_shardings, train_iter)
@@ -179,7 +183,7 @@ def train(config):
         checkpoint=initial_checkpoint(config.model), architecture=architecture,
         dtype=config.model.dtype, data=data_records(config.eval, data),
         config=train_config.as_dict(config), start_step=start, total_steps=config.total_steps)
-    _write_json(os.path.join(workdir, "provenance.json"), record)
+    atomic.write_json(os.path.join(workdir, "provenance.json"), record)
 
   # ------------------------------------------------------------- train
   step_fn = train_step.make_train_step(graphdef, tx, schedule, config.loss, mesh,
@@ -227,12 +231,12 @@ def train(config):
     run_log.write(config.total_steps, eval=after)
   final_params = sharding.to_host(state["params"])  # a collective: every process takes part
   if is_main:
-    _write_json(os.path.join(workdir, "eval_after.json"), after)
+    atomic.write_json(os.path.join(workdir, "eval_after.json"), after)
     export = config.export or os.path.join(workdir, "model.safetensors")
     checkpoints.save_open_clip(nnx.merge(graphdef, final_params), export, config.export_dtype)
     record.update(finished=datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), exported_model=provenance.file_record(export))
-    _write_json(os.path.join(workdir, "provenance.json"), record)
+    atomic.write_json(os.path.join(workdir, "provenance.json"), record)
     table = report(before, after)
     print(table)
     with open(os.path.join(workdir, "report.txt"), "w") as f:
@@ -283,12 +287,6 @@ def report_header(record) -> str:
   lines += [f"{r['role']} data: {describe(r)}" for r in record["data"]]
   lines.append(f"fine-tuned model: {describe(record['exported_model'])}")
   return "\n".join(lines)
-
-
-def _write_json(path, obj) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)
 
 
 @jax.jit

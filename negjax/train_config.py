@@ -15,7 +15,7 @@ import os
 
 import jax
 
-from negjax import cli, sharding
+from negjax import atomic, cli, sharding
 
 CHANGEABLE = ("workdir", "allow_config_change", "log_every", "checkpoint_every",
               "keep_checkpoints", "mesh.", "model.remat", "data.text_multiple", "eval.",
@@ -153,11 +153,7 @@ def same(saved: dict | None, config, keys) -> bool:
 
 def save(workdir: str, config) -> None:
   """Writes WORKDIR/config.json atomically."""
-  path = os.path.join(workdir, FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(as_dict(config), f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
+  atomic.write_json(os.path.join(workdir, FILE), as_dict(config), sort_keys=True)
 
 
 def _flat(d, prefix=""):

@@ -7,6 +7,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from negjax import atomic
+
 
 class RunLog:
   """Console + `workdir/metrics.jsonl`. Each record carries the step.
@@ -20,9 +22,7 @@ class RunLog:
     self.path = os.path.join(workdir, "metrics.jsonl")
     if enabled and os.path.exists(self.path):
       kept = [r for r in read_records(workdir) if start_step and r["step"] <= start_step]
-      with open(self.path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-      os.replace(self.path + ".tmp", self.path)
+      atomic.write(self.path, lambda f: f.writelines(json.dumps(r) + "\n" for r in kept))
     self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                     dynamic_ncols=True, disable=not enabled)
 
