@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from negjax.models import checkpoints, clip
+from negjax.models import clip, weights
 from negjax.reference import open_clip
 
 
@@ -42,7 +42,7 @@ def main():
   config = clip.get_config(args.arch)
   torch_model = oc.CLIP(**clip.open_clip_config(config)).eval()
   sd = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-  model = checkpoints.from_state_dict(sd, config.replace(dtype=jnp.dtype(args.dtype)))
+  model = weights.from_state_dict(sd, config.replace(dtype=jnp.dtype(args.dtype)))
   graphdef, state = nnx.split(model)
 
   rng = np.random.default_rng(0)

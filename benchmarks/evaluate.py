@@ -24,7 +24,7 @@ import metrics as metrics_bench  # noqa: E402  (the official retrieval re-implem
 
 from negjax import evaluate  # noqa: E402
 from negjax.data import negbench  # noqa: E402
-from negjax.models import checkpoints, clip  # noqa: E402
+from negjax.models import clip, weights  # noqa: E402
 from negjax.reference import open_clip  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def main():
   oc = open_clip()
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "weights.safetensors")
-    checkpoints.save_open_clip(model, path)
+    weights.save_open_clip(model, path)
     torch_model = oc.create_model(args.arch, pretrained=path).eval()
   preprocess = oc.image_transform(model.config.image_size, is_train=False)
   tokenizer = oc.get_tokenizer(args.arch)

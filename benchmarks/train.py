@@ -25,7 +25,7 @@ from flax import nnx
 
 from negjax import flops, sharding, train_step
 from negjax.data import captions, shapes, train_input
-from negjax.models import checkpoints, clip
+from negjax.models import clip, weights
 from negjax.tokenizer import tokenize, used_length
 
 OPTIONS = 4
@@ -68,7 +68,7 @@ def measured_peak_flops(n=2048, iters=10):
 
 def negjax_runner(sd, config, batch, optim, loss_cfg):
   """Compiles and warms up negjax's step; returns run(n) -> (seconds per step, loss)."""
-  model = checkpoints.from_state_dict(sd, config)
+  model = weights.from_state_dict(sd, config)
   graphdef, params = nnx.split(model, nnx.Param)
   mesh = sharding.make_mesh()
   tx, schedule = train_step.make_optimizer(optim, 10_000)
@@ -152,7 +152,7 @@ def main():
   args = parser.parse_args()
 
   config = clip.get_config(args.arch)
-  sd = checkpoints.state_dict(clip.create(config, seed=0))
+  sd = weights.state_dict(clip.create(config, seed=0))
   optim = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=1, end_ratio=0.1,
                                          weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6,
                                          grad_clip=1.0))

@@ -8,7 +8,7 @@
 A file that does not record its activation (or, for unregistered shapes, its attention
 heads) needs `arch=` (or `heads=`, `quick_gelu=`): see `load_model`.
 """
-from negjax.models.checkpoints import load_model, save_open_clip
+from negjax.models.weights import load_model, save_open_clip
 from negjax.models.clip import CLIP, CLIPConfig
 from negjax.image import open_image, preprocess
 from negjax.tokenizer import tokenize

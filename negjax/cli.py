@@ -20,7 +20,7 @@ def user_errors() -> tuple:
   """Exception classes that mean "the input is wrong", not "negjax is wrong"."""
   from negjax.data.annotations import AnnotationError
   from negjax.data.negbench import NegBenchFormatError
-  from negjax.models.checkpoints import CheckpointError
+  from negjax.models.weights import CheckpointError
   return (UserError, AnnotationError, NegBenchFormatError, CheckpointError,
           FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
           UnicodeDecodeError)

@@ -15,7 +15,7 @@ import os
 import sys
 
 from negjax import cli
-from negjax.models import checkpoints, clip
+from negjax.models import clip, weights
 
 
 def _heads(text):
@@ -61,7 +61,7 @@ def main(argv=None):
     cli.fail(f"--arch {args.arch}: unknown; known: {', '.join(sorted(clip.ARCHITECTURES))}")
   try:
     fmt = out_format(args.out)
-    model = checkpoints.load_model(args.src, arch=args.arch, heads=args.heads,
+    model = weights.load_model(args.src, arch=args.arch, heads=args.heads,
                                    quick_gelu=args.quick_gelu,
                                    allow_nonfinite=args.allow_nonfinite)
   except cli.user_errors() as e:
@@ -72,9 +72,9 @@ def main(argv=None):
   print(f"read {args.src}: {name}, {clip.num_params(model) / 1e6:.1f}M parameters")
   try:
     if fmt == "safetensors":
-      checkpoints.save_open_clip(model, args.out)
+      weights.save_open_clip(model, args.out)
     else:
-      checkpoints.save_orbax(model, args.out)
+      weights.save_orbax(model, args.out)
   except Exception as e:  # any failed write (disk full, a file in the way, ...) is the user's
     if args.debug or cli.debugging(argv):
       raise

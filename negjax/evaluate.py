@@ -482,15 +482,15 @@ def check_config(c):
 def run(c):
   """The command, in the order that loses nothing: config, every CSV, the workdir, the
   checkpoint, then one file at a time, each written when done."""
-  from negjax.models import checkpoints, clip
+  from negjax.models import clip, weights
   check_config(c)
   data_root = c.data_root or None
   sets = read_files(c.files, data_root, c.max_skipped_fraction)
   out = _on_process_0(lambda: Workdir(c.workdir))
-  model = checkpoints.load_model(c.checkpoint, arch=c.arch or None, dtype=jnp.dtype(c.dtype))
+  model = weights.load_model(c.checkpoint, arch=c.arch or None, dtype=jnp.dtype(c.dtype))
   arch = c.arch or clip.architecture_name(model.config) or model.config.architecture
   _on_process_0(lambda: out.start(provenance.record(  # openai:NAME: its cached file, hashed
-      checkpoint=checkpoints.resolve(c.checkpoint), architecture=arch, dtype=c.dtype,
+      checkpoint=weights.resolve(c.checkpoint), architecture=arch, dtype=c.dtype,
       settings={"tie_rule": c.tie_rule, "data_root": data_root and os.path.abspath(data_root)})))
   results = evaluate_sets(model, sets, c.batch_size, c.workers, True, c.tie_rule,
                           c.max_skipped_fraction, out)

@@ -24,7 +24,7 @@ from negjax import atomic, checkpoint, cli, provenance, sharding, train_config, 
 from negjax import train_step
 from negjax import workdir as workdir_lock
 from negjax.data import train_input
-from negjax.models import checkpoints, clip
+from negjax.models import clip, weights
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file")
 SHAPES_CHECKPOINT = os.path.join(os.path.dirname(__file__), "assets", "shapes_clip.safetensors")
@@ -41,7 +41,7 @@ def initial_checkpoint(model_config) -> str | None:
   if model_config.init == "shapes":
     return SHAPES_CHECKPOINT
   if model_config.init.startswith("openai:"):
-    return checkpoints.resolve(model_config.init)  # the cached download
+    return weights.resolve(model_config.init)  # the cached download
   return model_config.init
 
 
@@ -51,7 +51,7 @@ def load_initial_model(model_config):
   path = initial_checkpoint(model_config)
   if path is None:
     return clip.CLIP(clip.get_config(model_config.arch, **options), nnx.Rngs(0))
-  return checkpoints.load_model(path, arch=model_config.arch, **options)
+  return weights.load_model(path, arch=model_config.arch, **options)
 
 
 def build_data_once(config):
@@ -233,7 +233,7 @@ def train(config):
   if is_main:
     atomic.write_json(os.path.join(workdir, "eval_after.json"), after)
     export = config.export or os.path.join(workdir, "model.safetensors")
-    checkpoints.save_open_clip(nnx.merge(graphdef, final_params), export, config.export_dtype)
+    weights.save_open_clip(nnx.merge(graphdef, final_params), export, config.export_dtype)
     record.update(finished=datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), exported_model=provenance.file_record(export))
     atomic.write_json(os.path.join(workdir, "provenance.json"), record)

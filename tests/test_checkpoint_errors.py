@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from negjax.models import checkpoints, clip
+from negjax.models import clip, weights
 
-CheckpointError = checkpoints.CheckpointError
+CheckpointError = weights.CheckpointError
 
 
 @pytest.fixture(scope="module")
 def tiny_sd():
-  return checkpoints.state_dict(clip.create(clip.get_config("negjax-tiny"), seed=0))
+  return weights.state_dict(clip.create(clip.get_config("negjax-tiny"), seed=0))
 
 
 def _save(tmp_path, sd, name="w.safetensors"):
@@ -26,7 +26,7 @@ def _save(tmp_path, sd, name="w.safetensors"):
 def test_missing_file(tmp_path):
   path = str(tmp_path / "nope.safetensors")
   with pytest.raises(CheckpointError, match="nope.safetensors: no such file"):
-    checkpoints.load_model(path)
+    weights.load_model(path)
 
 
 @pytest.mark.parametrize("name", ["w.safetensors", "w.pt"])
@@ -41,13 +41,13 @@ def test_truncated_file(tmp_path, tiny_sd, name):
   with open(path, "wb") as f:
     f.write(data[: len(data) // 3])
   with pytest.raises(CheckpointError, match=name):
-    checkpoints.load_model(path)
+    weights.load_model(path)
 
 
 def test_unknown_key(tmp_path, tiny_sd):
   path = _save(tmp_path, {**tiny_sd, "visual.extra.weight": np.zeros(3, np.float32)})
   with pytest.raises(CheckpointError, match=r"w.safetensors.*visual\.extra\.weight"):
-    checkpoints.load_model(path, arch="negjax-tiny")
+    weights.load_model(path, arch="negjax-tiny")
 
 
 def test_missing_key(tmp_path, tiny_sd):
@@ -55,23 +55,23 @@ def test_missing_key(tmp_path, tiny_sd):
   del sd["transformer.resblocks.1.mlp.c_fc.bias"]
   path = _save(tmp_path, sd)
   with pytest.raises(CheckpointError, match=r"missing key 'transformer\.resblocks\.1\.mlp"):
-    checkpoints.load_model(path, arch="negjax-tiny")
+    weights.load_model(path, arch="negjax-tiny")
 
 
 def test_missing_top_level_key_when_inferring(tmp_path, tiny_sd):
   sd = {k: v for k, v in tiny_sd.items() if k != "visual.conv1.weight"}
   with pytest.raises(CheckpointError, match=r"missing key 'visual\.conv1\.weight'"):
-    checkpoints.load_model(_save(tmp_path, sd))
+    weights.load_model(_save(tmp_path, sd))
 
 
 def test_wrong_shape_for_named_architecture(tmp_path, tiny_sd):
   with pytest.raises(CheckpointError, match=r"w.safetensors: key 'visual\.conv1\.weight' has shape"):
-    checkpoints.load_model(_save(tmp_path, tiny_sd), arch="ViT-B-32")
+    weights.load_model(_save(tmp_path, tiny_sd), arch="ViT-B-32")
 
 
 def test_unknown_architecture_name(tmp_path, tiny_sd):
   with pytest.raises(ValueError, match="Unknown architecture 'ViT-Q-99'"):
-    checkpoints.load_model(_save(tmp_path, tiny_sd), arch="ViT-Q-99")
+    weights.load_model(_save(tmp_path, tiny_sd), arch="ViT-Q-99")
 
 
 class _RunsCode:
@@ -85,7 +85,7 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
   with open(path, "wb") as f:
     pickle.dump({"visual.conv1.weight": _RunsCode()}, f, protocol=2)
   with pytest.raises(CheckpointError, match=r"evil\.pt: refused .*system"):
-    checkpoints.load_model(path)
+    weights.load_model(path)
 
 
 def test_not_a_checkpoint(tmp_path):
@@ -94,16 +94,16 @@ def test_not_a_checkpoint(tmp_path):
     f.write("hello")
   pytest.importorskip("torch")
   with pytest.raises(CheckpointError, match=r"notes\.pt"):
-    checkpoints.load_model(path)
+    weights.load_model(path)
 
 
 def test_folder_that_is_neither_hf_nor_orbax(tmp_path):
   with pytest.raises(CheckpointError, match="a folder must be"):
-    checkpoints.load_model(str(tmp_path))
+    weights.load_model(str(tmp_path))
 
 
 def test_openai_name_without_network_says_where_to_put_the_file(tmp_path, monkeypatch):
-  monkeypatch.setattr(checkpoints, "CACHE_DIR", str(tmp_path))
+  monkeypatch.setattr(weights, "CACHE_DIR", str(tmp_path))
 
   def offline(*a, **k):
     raise OSError("network unreachable")
@@ -111,13 +111,13 @@ def test_openai_name_without_network_says_where_to_put_the_file(tmp_path, monkey
   monkeypatch.setattr(urllib.request, "urlopen", offline)
   target = os.path.join(str(tmp_path), "openai", "ViT-B-32.pt")
   with pytest.raises(CheckpointError, match="put it at " + target):
-    checkpoints.load_model("openai:ViT-B-32")
+    weights.load_model("openai:ViT-B-32")
   with pytest.raises(CheckpointError, match="unknown OpenAI model"):
-    checkpoints.load_model("openai:ViT-Z-1")
+    weights.load_model("openai:ViT-Z-1")
 
 
 def test_failed_download_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
-  monkeypatch.setattr(checkpoints, "CACHE_DIR", str(tmp_path))
+  monkeypatch.setattr(weights, "CACHE_DIR", str(tmp_path))
 
   class Broken:  # the connection drops after the first megabyte
     def __init__(self):
@@ -137,12 +137,12 @@ def test_failed_download_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
 
   monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: Broken())
   with pytest.raises(CheckpointError, match="could not download"):
-    checkpoints.load_model("openai:ViT-B-32")
+    weights.load_model("openai:ViT-B-32")
   assert os.listdir(os.path.join(str(tmp_path), "openai")) == []
 
 
 def test_download_with_wrong_checksum_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
-  monkeypatch.setattr(checkpoints, "CACHE_DIR", str(tmp_path))
+  monkeypatch.setattr(weights, "CACHE_DIR", str(tmp_path))
 
   class Wrong:
     def __enter__(self):
@@ -157,5 +157,5 @@ def test_download_with_wrong_checksum_leaves_nothing_in_the_cache(tmp_path, monk
 
   monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: Wrong())
   with pytest.raises(CheckpointError, match="wrong SHA-256"):
-    checkpoints.load_model("openai:ViT-B-32")
+    weights.load_model("openai:ViT-B-32")
   assert os.listdir(os.path.join(str(tmp_path), "openai")) == []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from negjax.models import checkpoints, clip
+from negjax.models import clip, weights
 from negjax.reference import open_clip
 
 torch = pytest.importorskip("torch")
@@ -107,13 +107,13 @@ def _files(tmp, model):
 def test_tiny_every_open_clip_format(tmp_path, tiny_ref, fmt):
   model, config, images, ids, ref = tiny_ref
   path = _files(str(tmp_path), model)[fmt]
-  loaded = checkpoints.load_model(path, arch="negjax-tiny")
+  loaded = weights.load_model(path, arch="negjax-tiny")
   assert_matches(loaded, ref, images, ids)
   # Without `arch`: shapes give the architecture and its heads, but not the activation.
-  with pytest.raises(checkpoints.CheckpointError, match="does not record its activation.*"
+  with pytest.raises(weights.CheckpointError, match="does not record its activation.*"
                      "arch='negjax-tiny' for GELU.*arch='negjax-tiny-quickgelu'"):
-    checkpoints.load_model(path)
-  inferred = checkpoints.load_model(path, quick_gelu=False)
+    weights.load_model(path)
+  inferred = weights.load_model(path, quick_gelu=False)
   assert inferred.config.architecture == config.architecture
   assert_matches(inferred, ref, images, ids)
 
@@ -129,7 +129,7 @@ def test_openai_torchscript_archive_quickgelu(tmp_path):
       p.copy_(p.half().float())
   config = clip.get_config("negjax-tiny-quickgelu")
   images, ids = inputs(config, seed=3)
-  loaded = checkpoints.load_model(path)
+  loaded = weights.load_model(path)
   assert loaded.config.quick_gelu
   assert_matches(loaded, torch_features(model, images, ids), images, ids)
 
@@ -148,7 +148,7 @@ def test_vit_b_32(tmp_path, arch, fmt):
   ref = torch_features(model, images, ids)
   path = _files(str(tmp_path), model)[fmt]
   del model
-  loaded = checkpoints.load_model(path, arch=arch)
+  loaded = weights.load_model(path, arch=arch)
   assert loaded.config.quick_gelu == arch.endswith("quickgelu")
   assert_matches(loaded, ref, images, ids)
 
@@ -179,17 +179,17 @@ def test_hugging_face_clipmodel(tmp_path):
     img = getattr(img, "pooler_output", img).numpy()
     txt = getattr(txt, "pooler_output", txt).numpy()
     logits = hf(input_ids=t_ids, pixel_values=px).logits_per_image.numpy()
-  loaded = checkpoints.load_model(str(tmp_path / "hf"))
+  loaded = weights.load_model(str(tmp_path / "hf"))
   assert loaded.config.architecture == config.architecture
   assert_matches(loaded, (img, txt, logits), images, ids)
 
 
 def test_export_loads_in_open_clip_and_round_trips(tmp_path, tiny_ref):
   model, config, images, ids, ref = tiny_ref
-  ours = checkpoints.from_state_dict({k: v.numpy() for k, v in model.state_dict().items()},
+  ours = weights.from_state_dict({k: v.numpy() for k, v in model.state_dict().items()},
                                      config)
   path = str(tmp_path / "export.safetensors")
-  checkpoints.save_open_clip(ours, path)
+  weights.save_open_clip(ours, path)
   # open_clip reads the file through its own `pretrained=` path.
   cfg_dir = tmp_path / "cfg"
   cfg_dir.mkdir()
@@ -199,7 +199,7 @@ def test_export_loads_in_open_clip_and_round_trips(tmp_path, tiny_ref):
   for a, b in zip(torch_features(theirs, images, ids), ref):
     np.testing.assert_allclose(a, b, rtol=0, atol=TOL)
   # import -> export -> import is bit-exact.
-  again = checkpoints.load_model(path)
+  again = weights.load_model(path)
   for a, b in zip(jax.tree.leaves(nnx.state(ours, nnx.Param)),
                   jax.tree.leaves(nnx.state(again, nnx.Param))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -212,21 +212,21 @@ def test_orbax_round_trip_and_convert_cli(tmp_path, tiny_ref):
   convert.main([src, str(tmp_path / "orbax"), "--arch", "negjax-tiny"])
   convert.main([str(tmp_path / "orbax"), str(tmp_path / "back.safetensors")])
   for path in (tmp_path / "orbax", tmp_path / "back.safetensors"):
-    assert_matches(checkpoints.load_model(str(path)), ref, images, ids)
+    assert_matches(weights.load_model(str(path)), ref, images, ids)
 
 
 def test_scan_and_remat_match_unrolled(tiny_ref):
   model, config, images, ids, ref = tiny_ref
   sd = {k: v.numpy() for k, v in model.state_dict().items()}
   for options in (dict(scan_layers=True), dict(remat=True), dict(scan_layers=True, remat=True)):
-    assert_matches(checkpoints.from_state_dict(sd, config.replace(**options)), ref, images, ids)
+    assert_matches(weights.from_state_dict(sd, config.replace(**options)), ref, images, ids)
 
 
 def test_bf16_compute_error_is_bounded(tiny_ref):
   """bf16 compute keeps fp32 params; features stay close in direction (cosine)."""
   model, config, images, ids, ref = tiny_ref
   sd = {k: v.numpy() for k, v in model.state_dict().items()}
-  bf16 = checkpoints.from_state_dict(sd, config.replace(dtype=jnp.bfloat16))
+  bf16 = weights.from_state_dict(sd, config.replace(dtype=jnp.bfloat16))
   assert jax.tree.leaves(nnx.state(bf16, nnx.Param))[0].dtype == jnp.float32
   for got, want in ((bf16.encode_image(images), ref[0]), (bf16.encode_text(ids), ref[1])):
     got = np.asarray(got)
@@ -242,7 +242,7 @@ def test_forward_sharded_over_8_devices_equals_single_device(tiny_ref):
   assert jax.device_count() == 8
   model, config, _, _, _ = tiny_ref
   images, ids = inputs(config, n=16, seed=5)
-  ours = checkpoints.from_state_dict({k: v.numpy() for k, v in model.state_dict().items()},
+  ours = weights.from_state_dict({k: v.numpy() for k, v in model.state_dict().items()},
                                      config)
   graphdef, state = nnx.split(ours)
   fwd = jax.jit(lambda s, x, t: nnx.merge(graphdef, s)(x, t)[0])

@@ -140,7 +140,7 @@ def _cli(*args):
 
 def test_cli_writes_results(bench, tmp_path):
   root, model = bench
-  from negjax.models.checkpoints import save_open_clip
+  from negjax.models.weights import save_open_clip
   ckpt = str(tmp_path / "tiny.safetensors")
   save_open_clip(model, ckpt)
   out = tmp_path / "out"
@@ -300,7 +300,7 @@ def counted(monkeypatch):
 
 @pytest.fixture
 def checkpoint(bench, tmp_path_factory):
-  from negjax.models.checkpoints import save_open_clip
+  from negjax.models.weights import save_open_clip
   path = str(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
   save_open_clip(bench[1], path)
   return path
@@ -372,7 +372,7 @@ def test_results_are_kept_per_file_and_a_rerun_skips_them(bench, tmp_path, count
     (root / "shapes_val_mcq.csv").write_text(text[:-1])
   # another checkpoint (or setting) never overwrites these results
   other = tmp_path / "other.safetensors"
-  from negjax.models.checkpoints import save_open_clip
+  from negjax.models.weights import save_open_clip
   save_open_clip(clip.create(clip.get_config("negjax-tiny"), seed=2), str(other))
   with pytest.raises(cli.UserError, match=r"holds results of another run \(checkpoint_sha256"):
     evaluate.run(_config(**dict(c, checkpoint=str(other))))

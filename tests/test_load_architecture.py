@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from negjax.models import checkpoints, clip
+from negjax.models import clip, weights
 from negjax.reference import open_clip
 
 torch = pytest.importorskip("torch")
 oc = open_clip()
-CheckpointError = checkpoints.CheckpointError
+CheckpointError = weights.CheckpointError
 
 
 def wide_heads_open_clip(quick_gelu: bool):
@@ -49,13 +49,13 @@ def test_heads_not_64_wide_are_refused_then_loaded_when_stated(tmp_path, quick_g
   torch.save(reference.state_dict(), path)
   with pytest.raises(CheckpointError, match=r"wide\.pt: cannot tell the attention head count.*"
                      r"vision width 320.*text width 320.*heads=\(VISION_HEADS, TEXT_HEADS\)"):
-    checkpoints.load_model(path)
+    weights.load_model(path)
   with pytest.raises(CheckpointError, match="head count"):  # the activation alone is not enough
-    checkpoints.load_model(path, quick_gelu=quick_gelu)
+    weights.load_model(path, quick_gelu=quick_gelu)
   with pytest.raises(CheckpointError, match=r"wide\.pt: the file does not record its "
                      r"activation.*quick_gelu=False for GELU"):
-    checkpoints.load_model(path, heads=(4, 4))
-  model = checkpoints.load_model(path, heads=(4, 4), quick_gelu=quick_gelu)
+    weights.load_model(path, heads=(4, 4))
+  model = weights.load_model(path, heads=(4, 4), quick_gelu=quick_gelu)
   assert (model.config.vision_heads, model.config.text_heads) == (4, 4)
   images, ids = _inputs()
   want_image, want_text = features(reference, images, ids)
@@ -67,7 +67,7 @@ def test_heads_that_do_not_divide_the_width_are_refused(tmp_path):
   path = str(tmp_path / "wide.pt")
   torch.save(wide_heads_open_clip(False).state_dict(), path)
   with pytest.raises(CheckpointError, match="3 vision heads do not divide width 320"):
-    checkpoints.load_model(path, heads=(3, 4), quick_gelu=False)
+    weights.load_model(path, heads=(3, 4), quick_gelu=False)
 
 
 def test_registered_vit_h_14_is_open_clips():
@@ -84,27 +84,27 @@ def test_registered_vit_h_14_is_open_clips():
 
 
 def test_registered_shapes_pin_the_heads_but_not_the_activation(tmp_path):
-  sd = checkpoints.state_dict(clip.create(clip.get_config("negjax-tiny")))
+  sd = weights.state_dict(clip.create(clip.get_config("negjax-tiny")))
   path = str(tmp_path / "plain.safetensors")
   save_file(sd, path)  # no negjax metadata: a plain open_clip export
   with pytest.raises(CheckpointError, match=r"plain\.safetensors: the file does not record its "
                      r"activation.*arch='negjax-tiny' for GELU.*official NegBench scripts.*"
                      r"arch='negjax-tiny-quickgelu' for QuickGELU"):
-    checkpoints.load_model(path)
+    weights.load_model(path)
   for kw, quick in ((dict(arch="negjax-tiny-quickgelu"), True), (dict(quick_gelu=False), False)):
-    config = checkpoints.load_model(path, **kw).config
+    config = weights.load_model(path, **kw).config
     assert config.quick_gelu == quick and config.vision_heads == config.text_heads == 2
 
 
 def test_recorded_heads_win_and_a_stated_activation_is_logged(tmp_path, caplog):
   path = str(tmp_path / "negjax.safetensors")
-  checkpoints.save_open_clip(clip.create(clip.get_config("negjax-tiny-quickgelu")), path)
-  assert checkpoints.load_model(path).config.quick_gelu  # recorded in the metadata
+  weights.save_open_clip(clip.create(clip.get_config("negjax-tiny-quickgelu")), path)
+  assert weights.load_model(path).config.quick_gelu  # recorded in the metadata
   with pytest.raises(CheckpointError, match=r"records \(2, 2\) attention heads.*not \(4, 4\)"):
-    checkpoints.load_model(path, heads=(4, 4), quick_gelu=True)
+    weights.load_model(path, heads=(4, 4), quick_gelu=True)
   with caplog.at_level(logging.WARNING):
-    model = checkpoints.load_model(path, arch="negjax-tiny")  # as the official scripts do
+    model = weights.load_model(path, arch="negjax-tiny")  # as the official scripts do
   assert not model.config.quick_gelu
   assert "records QuickGELU; using GELU as asked" in caplog.text
   with pytest.raises(CheckpointError, match="not both"):
-    checkpoints.load_model(path, arch="negjax-tiny", quick_gelu=False)
+    weights.load_model(path, arch="negjax-tiny", quick_gelu=False)

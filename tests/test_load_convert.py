@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from negjax.models import checkpoints, clip
+from negjax.models import clip, weights
 
 # A hang detector only (a failed Orbax write used to block exit for Orbax's 5-minute
 # signal timeout); a working run takes seconds.
@@ -25,7 +25,7 @@ def plain(tmp_path_factory):
   """A plain open_clip-layout file: no record of its activation."""
   from safetensors.numpy import save_file
   path = str(tmp_path_factory.mktemp("convert") / "plain.safetensors")
-  save_file(checkpoints.state_dict(clip.create(clip.get_config("negjax-tiny"))), path)
+  save_file(weights.state_dict(clip.create(clip.get_config("negjax-tiny"))), path)
   return path
 
 
@@ -34,7 +34,7 @@ def test_success_prints_two_lines_and_no_orbax_chatter(tmp_path, plain):
   assert rc == 0, err
   assert out == [f"read {plain}: negjax-tiny, 7.2M parameters", f"wrote {tmp_path / 'orbax'}"]
   assert err == []
-  assert checkpoints.load_model(str(tmp_path / "orbax")).config.architecture == \
+  assert weights.load_model(str(tmp_path / "orbax")).config.architecture == \
       clip.get_config("negjax-tiny").architecture
 
 
@@ -67,7 +67,7 @@ def test_folder_replaced_under_orbax_fails_at_once(tmp_path):
   fails: the save must raise and the process exit, not wait on Orbax's threads."""
   code = """
 import os, sys
-from negjax.models import checkpoints, clip
+from negjax.models import clip, weights
 target = sys.argv[1]
 real = os.makedirs
 def replace_after_making(path, *a, **k):
@@ -77,7 +77,7 @@ def replace_after_making(path, *a, **k):
     open(path, "w").close()
 os.makedirs = replace_after_making
 try:
-  checkpoints.save_orbax(clip.create(clip.get_config("negjax-tiny")), target)
+  weights.save_orbax(clip.create(clip.get_config("negjax-tiny")), target)
 except OSError as e:
   print("raised", type(e).__name__)
 """

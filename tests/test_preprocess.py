@@ -189,8 +189,8 @@ def test_image_of_the_wrong_size_names_the_size_the_model_takes():
   """The packaged shapes-CLIP takes 64 px: a 224 px image is an error that says so, not a
   broadcast failure deep in the vision tower."""
   from negjax import train
-  from negjax.models import checkpoints
-  model = checkpoints.load_model(train.SHAPES_CHECKPOINT)
+  from negjax.models import weights
+  model = weights.load_model(train.SHAPES_CHECKPOINT)
   image = pp.preprocess(Image.new("RGB", (300, 240), (200, 30, 30)), size=224)
   with pytest.raises(ValueError, match=r"shape \(1, 224, 224, 3\); this model takes "
                      r"\[N, 64, 64, 3\] \(preprocess\(image, size=64\)\)"):

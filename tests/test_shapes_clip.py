@@ -6,13 +6,13 @@ import pytest
 
 from negjax import evaluate, train
 from negjax.data import make
-from negjax.models import checkpoints, clip
+from negjax.models import clip, weights
 
 
 def test_packaged_checkpoint_is_small_and_loads_like_real_weights():
   path = train.SHAPES_CHECKPOINT
   assert os.path.getsize(path) <= 20 * 2 ** 20
-  model = checkpoints.load_model(path)  # no arch given: recorded in the file
+  model = weights.load_model(path)  # no arch given: recorded in the file
   assert clip.architecture_name(model.config) == "negjax-shapes"
 
 
@@ -26,7 +26,7 @@ def eval_files(tmp_path_factory):
 
 
 def test_packaged_model_knows_objects_but_not_negation(eval_files):
-  model = checkpoints.load_model(train.SHAPES_CHECKPOINT)
+  model = weights.load_model(train.SHAPES_CHECKPOINT)
   results = evaluate.evaluate_files(model, eval_files, batch_size=64, progress=False)
   mcq = results["shapes_val_mcq"]
   print(mcq)

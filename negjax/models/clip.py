@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from negjax.models.layers import LayerNorm, Transformer
+
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
@@ -39,6 +41,15 @@ class CLIPConfig:
 
   def replace(self, **kw) -> "CLIPConfig":
     return dataclasses.replace(self, **kw)
+
+  @property
+  def activation(self) -> str:
+    return "quick_gelu" if self.quick_gelu else "gelu"
+
+  @property
+  def transformer_options(self) -> dict:
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype, scan=self.scan_layers,
+                remat=self.remat)
 
   @property
   def architecture(self) -> dict:
@@ -122,107 +133,6 @@ def open_clip_config(config: CLIPConfig) -> dict:
   return cfg
 
 
-def _normal(std):
-  return nnx.initializers.normal(stddev=std)
-
-
-class LayerNorm(nnx.Module):
-  """LayerNorm over the last axis (eps 1e-5, statistics in float32): normalise, then scale
-  and shift. Unlike nnx.LayerNorm, XLA then keeps no broadcast copy of the scale for the
-  backward pass (with the q/k/v split below, ~3% of a small CLIP's training step on CPU)."""
-
-  def __init__(self, width, dtype, param_dtype, eps=1e-5):
-    self.scale = nnx.Param(jnp.ones((width,), param_dtype))
-    self.bias = nnx.Param(jnp.zeros((width,), param_dtype))
-    self.dtype, self.eps = dtype, eps
-
-  def __call__(self, x):
-    x = x.astype(jnp.float32)
-    centred = x - x.mean(-1, keepdims=True)
-    y = centred * jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)
-            + self.bias[...].astype(jnp.float32)).astype(self.dtype)
-
-
-class Block(nnx.Module):
-  """Pre-LN residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
-
-  def __init__(self, width, heads, mlp_ratio, layers, quick_gelu, dtype, param_dtype, rngs):
-    self.heads = heads
-    self.quick_gelu = quick_gelu
-    hidden = int(width * mlp_ratio)
-    attn_std, proj_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5
-    fc_std = (2 * width) ** -0.5
-    common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.ln_1 = LayerNorm(width, dtype, param_dtype)
-    self.qkv = nnx.Linear(width, 3 * width, kernel_init=_normal(attn_std), **common)
-    self.out = nnx.Linear(width, width, kernel_init=_normal(proj_std), **common)
-    self.ln_2 = LayerNorm(width, dtype, param_dtype)
-    self.fc = nnx.Linear(width, hidden, kernel_init=_normal(fc_std), **common)
-    self.proj = nnx.Linear(hidden, width, kernel_init=_normal(proj_std), **common)
-
-  def __call__(self, x, causal: bool, pool=None):
-    """[B, N, w] -> [B, N, w]; with `pool` ([B] positions), only those tokens' outputs,
-    [B, w]: a pooled tower's last layer needs no other query, MLP or projection."""
-    b, n, w = x.shape
-    heads = lambda t: t.reshape(b, t.shape[1], self.heads, w // self.heads)
-    # split (not slice) q, k, v: the gradient is then one concatenate, not three pads + adds
-    q, k, v = jnp.split(self.qkv(self.ln_1(x)), 3, axis=-1)
-    if pool is None:
-      attn = jax.nn.dot_product_attention(heads(q), heads(k), heads(v), is_causal=causal)
-    else:
-      at = lambda t: jnp.take_along_axis(t, pool[:, None, None], axis=1)  # [B, 1, w]
-      q, x = at(q), at(x)
-      mask = (jnp.arange(n)[None, :] <= pool[:, None])[:, None, None, :] if causal else None
-      attn = jax.nn.dot_product_attention(heads(q), heads(k), heads(v), mask=mask)
-    x = x + self.out(attn.reshape(b, -1, w))
-    h = self.fc(self.ln_2(x))
-    h = h * jax.nn.sigmoid(1.702 * h) if self.quick_gelu else gelu(h)
-    x = x + self.proj(h)
-    return x if pool is None else x[:, 0]
-
-
-def gelu(x):
-  """Exact (erf) GELU, as torch's nn.GELU. Written with erf: jax.nn.gelu's erfc form
-  costs XLA:CPU three extra elementwise passes, ~12% of a small CLIP's training step."""
-  return 0.5 * x * (1.0 + jax.lax.erf(x * 2 ** -0.5))
-
-
-class Transformer(nnx.Module):
-  """`layers` blocks whose parameters carry a leading layer axis."""
-
-  def __init__(self, width, layers, heads, config: CLIPConfig, causal: bool, rngs):
-    self.causal = causal
-    self.scan = config.scan_layers
-    self.remat = config.remat
-    self.layers = layers
-    make = lambda: Block(width, heads, config.mlp_ratio, layers, config.quick_gelu,
-                         config.dtype, config.param_dtype, rngs)
-    graphdef, first = nnx.split(make())
-    states = [first] + [nnx.state(make()) for _ in range(layers - 1)]
-    self.blocks = nnx.merge(graphdef, jax.tree.map(lambda *a: jnp.stack(a), *states))
-
-  def __call__(self, x, pool=None):
-    """All tokens' outputs, or with `pool` ([B] positions) only those, [B, w]."""
-    graphdef, stacked = nnx.split(self.blocks)
-
-    def layer(x, state, pool=None):
-      return nnx.merge(graphdef, state)(x, self.causal, pool)
-
-    if self.remat:
-      layer = jax.checkpoint(layer)
-    full = self.layers if pool is None else self.layers - 1  # layers run on every token
-    if self.scan and full:
-      x, _ = jax.lax.scan(lambda c, s: (layer(c, s), None), x,
-                          jax.tree.map(lambda a: a[:full], stacked))
-    else:
-      for i in range(full):
-        x = layer(x, jax.tree.map(lambda a: a[i], stacked))
-    if pool is not None:
-      x = layer(x, jax.tree.map(lambda a: a[-1], stacked), pool)
-    return x
-
-
 class VisionTower(nnx.Module):
   """ViT: patches -> [CLS]+patches + pos -> ln_pre -> blocks -> ln_post(CLS) @ proj."""
 
@@ -239,7 +149,8 @@ class VisionTower(nnx.Module):
     self.positional_embedding = nnx.Param(
         jax.random.normal(key(), (grid * grid + 1, w), c.param_dtype) * scale)
     self.ln_pre = LayerNorm(w, c.dtype, c.param_dtype)
-    self.transformer = Transformer(w, c.vision_layers, c.vision_heads, c, False, rngs)
+    self.transformer = Transformer(w, c.vision_layers, c.vision_heads, c.mlp_ratio, c.activation,
+                                   False, rngs, **c.transformer_options)
     self.ln_post = LayerNorm(w, c.dtype, c.param_dtype)
     self.proj = nnx.Param(jax.random.normal(key(), (w, c.embed_dim), c.param_dtype) * scale)
 
@@ -266,7 +177,8 @@ class TextTower(nnx.Module):
         jax.random.normal(key(), (c.vocab_size, w), c.param_dtype) * 0.02)
     self.positional_embedding = nnx.Param(
         jax.random.normal(key(), (c.context_length, w), c.param_dtype) * 0.01)
-    self.transformer = Transformer(w, c.text_layers, c.text_heads, c, True, rngs)
+    self.transformer = Transformer(w, c.text_layers, c.text_heads, c.mlp_ratio, c.activation,
+                                   True, rngs, **c.transformer_options)
     self.ln_final = LayerNorm(w, c.dtype, c.param_dtype)
     self.text_projection = nnx.Param(
         jax.random.normal(key(), (w, c.embed_dim), c.param_dtype) * w ** -0.5)
