@@ -23,7 +23,7 @@ CACHE_DIR = os.path.expanduser(os.environ.get("NEGJAX_CACHE", "~/.cache/negjax")
 
 @dataclasses.dataclass(frozen=True)
 class TrainingData:
-  train_dir: str  # ArrayRecord shards
+  train_dir: str  # ArrayRecord shards (None: data.source is not "records")
   eval_root: str  # NegBench-format CSVs (and their images)
   eval_files: tuple  # the CSVs under eval_root
 
@@ -34,6 +34,8 @@ def prepare(data_config, seed: int) -> TrainingData:
   content (`make.fingerprint`: the settings and the engine version), so that a changed
   caption engine never serves an old world."""
   directory = data_config.dir
+  if data_config.get("source", "records") != "records":  # its own files; eval from eval.*
+    return TrainingData(None, None, ())
   if directory is None:
     from negjax.data import make
     shapes = data_config.shapes
@@ -85,24 +87,121 @@ class TrainingExample(grain.transforms.RandomMap):
     }
 
 
-def make_iterator(train_dir, data_config, global_batch_size, seed, image_size):
-  """A checkpointable iterator of this process's share of each global batch."""
-  source = records.training_source(train_dir)
-  n_proc = jax.process_count()
-  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-  fresh, weights = data_config.get("fresh_mcq", False), data_config.get("mcq_answer_weights")
-  if weights and not fresh:
-    raise ValueError("data.mcq_answer_weights applies to drawn MCQs: set data.fresh_mcq=True")
-  ds = ds.random_map(TrainingExample(data_config.captions, data_config.text_length, image_size,
-                                     fresh, tuple(weights) if weights else None), seed=seed)
+SOURCES = ("records", "official_csv", "webdataset", "converted")
+
+
+def make_iterator(train_dir, data_config, global_batch_size, seed, image_size, process=None):
+  """A checkpointable iterator of this process's share of each global batch.
+
+  `data_config.source` (default "records") picks the input: negjax records at `train_dir`
+  (one row per image: image, caption, MCQ), or a caption stream and/or an MCQ stream of
+  other images (`official_csv`, `webdataset`, `converted`; see `streams`). `process`:
+  (index, count), default JAX's."""
+  index, count = process or (jax.process_index(), jax.process_count())
+  source = data_config.get("source", "records")
+  if source == "records":
+    ds = _records_dataset(train_dir, data_config, seed, image_size)
+  elif source in SOURCES:
+    ds = _two_streams(*streams(data_config, image_size), data_config.text_length, seed)
+  else:
+    raise ValueError(f"data.source {source!r}: use one of {', '.join(SOURCES)}")
   # Sliced after the random map (lazily: each process computes only its own share), so the
   # global stream of examples is the same for any number of processes.
-  ds = ds[jax.process_index()::n_proc]
-  ds = ds.batch(global_batch_size // n_proc, drop_remainder=True)
+  ds = ds[index::count]
+  ds = ds.batch(global_batch_size // count, drop_remainder=True)
   it = ds.to_iter_dataset()
   if data_config.workers:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.workers))
   return iter(it)
+
+
+def _records_dataset(train_dir, data_config, seed, image_size):
+  ds = grain.MapDataset.source(records.training_source(train_dir)).shuffle(seed=seed).repeat()
+  fresh, weights = data_config.get("fresh_mcq", False), data_config.get("mcq_answer_weights")
+  if weights and not fresh:
+    raise ValueError("data.mcq_answer_weights applies to drawn MCQs: set data.fresh_mcq=True")
+  return ds.random_map(TrainingExample(data_config.captions, data_config.text_length,
+                                       image_size, fresh, tuple(weights) if weights else None),
+                       seed=seed)
+
+
+def streams(data_config, image_size):
+  """(caption source or None, MCQ source or None) of a two-stream `data.source`.
+
+  official_csv: `data.caption_csv` (columns `data.image_column` / `data.caption_column`,
+  separator `data.separator`) and `data.mcq_csv`, either may be empty. webdataset:
+  `data.shards` (a brace pattern) for captions, `data.mcq_csv` optional. converted: the
+  `captions` / `mcq` splits that `negjax.data.convert` wrote under `data.dir`."""
+  from negjax.data import official
+  source = data_config.source
+  captions_, mcq = None, None
+  if source == "official_csv":
+    if data_config.get("caption_csv"):
+      table = official.read_captions(
+          data_config.caption_csv, data_config.get("image_column", "filepath"),
+          data_config.get("caption_column", "title"), data_config.get("separator", "\t"),
+          data_config.get("image_root"))
+      official.report_skips(table)
+      captions_ = official.CaptionSource(table, image_size)
+  elif source == "webdataset":
+    from negjax.data import webdataset
+    shard_index = webdataset.index(data_config.shards)
+    official.report_skips(official.Table(data_config.shards, shard_index.samples,
+                                         shard_index.skipped))
+    captions_ = webdataset.Source(shard_index, image_size)
+  elif source == "converted":
+    from negjax.data import convert
+    captions_, mcq = (convert.training_source(data_config.dir, split, image_size)
+                      for split in convert.SPLITS)
+  if source != "converted" and data_config.get("mcq_csv"):
+    table = official.read_mcq(data_config.mcq_csv, data_config.get("image_root"))
+    official.report_skips(table)
+    mcq = official.MCQSource(table, image_size)
+  if captions_ is None and mcq is None:
+    raise ValueError(f"data.source={source}: no caption or MCQ data configured")
+  return captions_, mcq
+
+
+class CaptionExample(grain.transforms.Map):
+  """{"image", "caption"} -> {"image", "caption_ids"}."""
+
+  def __init__(self, text_length):
+    self.text_length = text_length
+
+  def map(self, example):
+    return {"image": example["image"],
+            "caption_ids": tokenize([example["caption"]], self.text_length)[0]}
+
+
+class MCQExample(CaptionExample):
+  """{"image", "options", "answer"} -> {"mcq_image", "mcq_ids", "mcq_answer"}."""
+
+  def map(self, example):
+    return {"mcq_image": example["image"],
+            "mcq_ids": tokenize(list(example["options"]), self.text_length),
+            "mcq_answer": np.int32(example["answer"])}
+
+
+class _Zip(grain.transforms.MapWithIndex):
+  """Adds element `index` of another (infinite) dataset: two streams in one index space,
+  so one iterator position (in every checkpoint) restores both."""
+
+  def __init__(self, other):
+    self.other = other
+
+  def map_with_index(self, index, element):
+    return {**element, **self.other[index]}
+
+
+def _two_streams(captions_, mcq, text_length, seed):
+  """Caption rows and MCQ rows of other images, each shuffled on its own (seeds differ), so
+  a step of batch B sees 2B images, as the official NegFull training does."""
+  def stream(source, example, stream_seed):
+    return grain.MapDataset.source(source).shuffle(seed=stream_seed).repeat().map(
+        example(text_length))
+  parts = [stream(s, e, seed + k) for k, (s, e) in
+           enumerate(((captions_, CaptionExample), (mcq, MCQExample))) if s is not None]
+  return parts[0] if len(parts) == 1 else parts[0].map_with_index(_Zip(parts[1]))
 
 
 TEXT_FIELDS = ("caption_ids", "mcq_ids")
@@ -114,6 +213,7 @@ def trim_text(batch, multiple):
   process gets the same lengths, and each new length compiles the step once."""
   if not multiple:
     return batch
-  lengths = np.array([used_length(batch[k], multiple) for k in TEXT_FIELDS])
-  lengths = np.asarray(sharding.to_host(lengths)).reshape(-1, len(TEXT_FIELDS)).max(0)
-  return dict(batch, **{k: batch[k][..., :n] for k, n in zip(TEXT_FIELDS, lengths)})
+  fields = [k for k in TEXT_FIELDS if k in batch]  # the same keys on every process
+  lengths = np.array([used_length(batch[k], multiple) for k in fields])
+  lengths = np.asarray(sharding.to_host(lengths)).reshape(-1, len(fields)).max(0)
+  return dict(batch, **{k: batch[k][..., :n] for k, n in zip(fields, lengths)})
