@@ -7,11 +7,11 @@ import json
 import os
 
 
-def write(path: str, write_to, newline=None) -> None:
-  """Calls `write_to(f)` on a new text file that then replaces `path`."""
+def write(path: str, write_to, newline=None, binary=False) -> None:
+  """Calls `write_to(f)` on a new text (or `binary`) file that then replaces `path`."""
   tmp = f"{path}.tmp{os.getpid()}"
   try:
-    with open(tmp, "w", newline=newline) as f:
+    with (open(tmp, "wb") if binary else open(tmp, "w", newline=newline)) as f:
       write_to(f)
     os.replace(tmp, path)
   finally:

@@ -7,6 +7,7 @@ there, so its truth can be checked against the annotation instead of trusted.
 """
 import dataclasses
 import importlib
+import re
 
 import numpy as np
 
@@ -86,6 +87,48 @@ class Annotated:
   @property
   def answer_type(self):
     return self.mcq[self.answer].kind
+
+
+@dataclasses.dataclass(frozen=True)
+class Negation:
+  """A negated text split by `parse`: what it affirms and what it negates, as written."""
+  affirmed: str  # "" when only a negation is stated ("this image does not feature a cat")
+  negated: str
+  template: str
+
+
+def _template_pattern(template):
+  """A template as a regex: {A} and {n} capture a phrase, {a_n} one with its article."""
+  parts = re.split(r"(\{A\}|\{n\}|\{a_n\}|\{be\})", template)
+  fields = {"{A}": r"(?P<A>.+?)", "{n}": r"(?P<n>.+?)", "{a_n}": r"(?P<n>an? .+?)",
+            "{be}": r"(?:is|are)"}
+  return re.compile("".join(fields.get(p, re.escape(p)) for p in parts), re.IGNORECASE)
+
+
+# Every template that negates something, most literal text first, so that the most specific
+# template claims a text ("there is A and no n" before "A but no n" style fallbacks).
+_NEGATION_PATTERNS = sorted(
+    [(name, _template_pattern(t)) for name, t in NEGCAP_TEMPLATES.items()]
+    + [(f"mcq_{k}", _template_pattern(MCQ_TEMPLATES[k])) for k in ("negative", "hybrid")],
+    key=lambda x: -len(re.sub(r"\(\?P<\w+>[^)]*\)|\(\?:[^)]*\)", "", x[1].pattern)))
+
+
+def parse(text):
+  """The affirmed and negated parts of a text written in one of the negating templates
+  above (NegCap, and the negative/hybrid MCQ options), or None for any other text.
+
+  The same grammar that writes the captions reads them: "a red circle but no blue square"
+  -> Negation("a red circle", "blue square", "but_no"). Case and a final full stop are
+  ignored. A text in none of the templates is None, never a guess: callers fall back to
+  using the whole text.
+  """
+  text = " ".join(str(text).split()).rstrip(".").strip()
+  for name, pattern in _NEGATION_PATTERNS:
+    match = pattern.fullmatch(text)
+    if match:
+      fields = match.groupdict()
+      return Negation(fields.get("A") or "", fields["n"], name)
+  return None
 
 
 def caption_rng(seed, split, index):
