@@ -78,6 +78,38 @@ def tree_shardings(tree, mesh: Mesh):
   return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp)), tree)
 
 
+def batch_shards(mesh) -> int:
+  """How many ways the batch is split: the product of the batch axes' sizes."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def constrain_batch(x):
+  """`x` with its leading (batch) axis split over the batch axes of the current mesh.
+
+  Under FSDP the parameters are split over `fsdp`, sometimes on a contracting dimension,
+  and XLA's partitioner is then free to gather an activation's batch and split its features
+  instead: every device holds global-batch activations (ViT-B-16 at v5e-256, batch 4096:
+  10.1 GiB peak instead of 5.3). Pinning the batch axis keeps activations per device. A
+  no-op outside a mesh context (`jax.set_mesh` / `jax.sharding.use_abstract_mesh`), on a
+  mesh without the batch axes, or when the batch does not divide; numerics are unchanged.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  if batch_shards(mesh) == 1 or x.shape[0] % batch_shards(mesh):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+
+
+def platform() -> str:
+  """The platform code is being traced for: the current mesh's devices (which may be
+  compile-only TPU or GPU devices on a CPU host), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 

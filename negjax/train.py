@@ -45,9 +45,28 @@ def initial_checkpoint(model_config) -> str | None:
   return model_config.init
 
 
+def model_options(model_config) -> dict:
+  """The numerics options the config gives the model (also what negjax.compile builds)."""
+  return dict(dtype=jnp.dtype(model_config.dtype), scan_layers=model_config.scan_layers,
+              remat=model_config.remat)
+
+
+def make_mesh(config, devices=None):
+  """The run's (data, fsdp) mesh, checked against the global batch (negjax.compile uses it
+  with compile-only devices)."""
+  try:
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+  except ValueError as e:
+    raise cli.UserError(str(e)) from None
+  n_batch_shards = sharding.batch_shards(mesh)
+  if config.batch_size % n_batch_shards:
+    raise cli.UserError(f"batch_size {config.batch_size} must divide by the {n_batch_shards} "
+                        f"batch shards (mesh {dict(mesh.shape)})")
+  return mesh
+
+
 def load_initial_model(model_config):
-  options = dict(dtype=jnp.dtype(model_config.dtype), scan_layers=model_config.scan_layers,
-                 remat=model_config.remat)
+  options = model_options(model_config)
   path = initial_checkpoint(model_config)
   if path is None:
     return clip.CLIP(clip.get_config(model_config.arch, **options), nnx.Rngs(0))
@@ -121,14 +140,7 @@ def train(config):
   is_main = jax.process_index() == 0
 
   # ------------------------------------------------------------------ mesh
-  try:
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  except ValueError as e:
-    raise cli.UserError(str(e)) from None
-  n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.batch_size % n_batch_shards:
-    raise cli.UserError(f"batch_size {config.batch_size} must divide by the {n_batch_shards} "
-                        f"batch shards (mesh {dict(mesh.shape)})")
+  mesh = make_mesh(config)
   log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(),
            jax.process_count())
 

@@ -70,21 +70,30 @@ def clamp_logit_scale(params):
   return params
 
 
+def state_shardings(params, tx, mesh):
+  """Where each part of the training state lives: parameters and optimizer state split per
+  `sharding.tree_shardings`. `params` may be abstract (ShapeDtypeStructs)."""
+  return {"step": sharding.replicated(mesh), "params": sharding.tree_shardings(params, mesh),
+          "opt_state": sharding.tree_shardings(jax.eval_shape(tx.init, params), mesh)}
+
+
 def init_state(params, tx, mesh):
-  """Training state placed on `mesh` (parameters and optimizer state split per
-  `sharding.tree_shardings`), and those shardings."""
-  param_shardings = sharding.tree_shardings(params, mesh)
-  params = jax.device_put(params, param_shardings)
-  opt_shardings = sharding.tree_shardings(jax.eval_shape(tx.init, params), mesh)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  """Training state placed on `mesh` per `state_shardings`, and those shardings."""
+  shardings = state_shardings(params, tx, mesh)
+  params = jax.device_put(params, shardings["params"])
+  opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
-  shardings = {"step": sharding.replicated(mesh), "params": param_shardings,
-               "opt_state": opt_shardings}
   return state, shardings
 
 
 def make_train_step(graphdef, tx, schedule, loss_config, mesh, state_shardings):
+  """The jitted step. It is traced under `mesh` (`use_abstract_mesh`), so the model's
+  activation constraints (`sharding.constrain_batch`) and platform kernels see it."""
   def step(state, batch):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return _step(state, batch)
+
+  def _step(state, batch):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, metrics), grads = grad_fn(state["params"], graphdef, batch,
                                   loss_config.contrastive_weight, loss_config.mcq_weight)
