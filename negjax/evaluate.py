@@ -33,6 +33,9 @@ class Encoders:
     graphdef, self.state = nnx.split(model)
     self.image_size = model.config.image_size
     self.context_length = model.config.context_length
+    # The model's own text and image input where it has them (SigLIP), else CLIP's.
+    self.tokenize = getattr(model, "tokenize", None)
+    self.transforms = getattr(model, "image_transforms", None)
     self._image = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x))
     self._text = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_text(x))
 
@@ -59,7 +62,8 @@ def encode_media(enc, paths, batch_size, frames=1, workers=0, desc=None):
   decompression bomb, naming the file.
   """
   from tqdm import tqdm
-  batches, steps = eval_input.media_batches(paths, enc.image_size, batch_size, frames, workers)
+  batches, steps = eval_input.media_batches(paths, enc.image_size, batch_size, frames, workers,
+                                            getattr(enc, "transforms", None))
   feats, index, status, skipped = [], [], [], []
   for batch in tqdm(batches, total=steps, desc=desc, leave=False, disable=desc is None):
     for i, s, e in zip(batch["index"], batch["status"], batch["error"]):
@@ -88,8 +92,11 @@ def encode_media(enc, paths, batch_size, frames=1, workers=0, desc=None):
 
 def encode_texts(enc, texts, batch_size):
   """Features [N, D] of a list of strings, encoded in static-shape batches."""
-  ids = tokenize(texts, context_length=enc.context_length)
-  ids = ids[:, :used_length(ids)]  # exact: padding after the longest text is never read
+  if getattr(enc, "tokenize", None):  # the model's own tokenizer, ids of the length it takes
+    ids = enc.tokenize(texts)
+  else:
+    ids = tokenize(texts, context_length=enc.context_length)
+    ids = ids[:, :used_length(ids)]  # exact: padding after the longest text is never read
   feats = []
   for chunk, n in eval_input.text_batches(ids, batch_size):
     feats.append(enc.text(jnp.asarray(chunk))[:n])

@@ -23,10 +23,12 @@ class LoadMedia(grain.transforms.Map):
   are real: a clip shorter than `frames` has fewer, zero-padded), "index", "status",
   "error"}."""
 
-  def __init__(self, paths, image_size, frames):
+  def __init__(self, paths, image_size, frames, transforms=None):
     self.paths = paths
     self.image_size = image_size
     self.frames = frames
+    # The model's own (image, frame) preprocessing if it has one (SigLIP), else CLIP's.
+    self.transforms = transforms or (preprocess, preprocess_frame)
 
   def map(self, index):
     shape = (self.frames, self.image_size, self.image_size, 3)
@@ -37,10 +39,10 @@ class LoadMedia(grain.transforms.Map):
     path = self.paths[index]
     try:
       if negbench.is_video(path):  # the official video transform, not the image one
-        pixels = [preprocess_frame(f, self.image_size)
+        pixels = [self.transforms[1](f, size=self.image_size)
                   for f in negbench.video_frames(path, self.frames)]
       else:
-        pixels = [preprocess(open_image(path), self.image_size)] * self.frames
+        pixels = [self.transforms[0](open_image(path), size=self.image_size)] * self.frames
       image = np.zeros(shape, np.float32)
       image[:len(pixels)] = pixels
       out.update(image=image, frames=np.int32(len(pixels)))
@@ -51,14 +53,15 @@ class LoadMedia(grain.transforms.Map):
     return out
 
 
-def media_batches(paths, image_size, batch_size, frames=1, workers=0):
+def media_batches(paths, image_size, batch_size, frames=1, workers=0, transforms=None):
   """This process's batches of media; yields dicts of numpy arrays with leading
   dimension `batch_size` (per process). `frames` is 1 for images (a video still gets its
-  own frames: use `negbench.FRAMES_PER_VIDEO` for video files)."""
+  own frames: use `negbench.FRAMES_PER_VIDEO` for video files). `transforms`: the model's
+  (image, frame) preprocessing functions of (input, size=), where not CLIP's."""
   count, index = jax.process_count(), jax.process_index()
   steps = max(1, math.ceil(len(paths) / (batch_size * count)))
   ds = grain.MapDataset.range(steps * batch_size * count)[index::count]
-  ds = ds.map(LoadMedia(list(paths), image_size, frames))
+  ds = ds.map(LoadMedia(list(paths), image_size, frames, transforms))
   ds = ds.batch(batch_size, drop_remainder=True)
   it = ds.to_iter_dataset()
   if workers:

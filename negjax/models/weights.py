@@ -496,6 +496,9 @@ def load_model(path_or_name: str, arch: str | None = None, *,
   path = str(path_or_name)
   path = resolve(path)
   stated = dict(arch=arch, heads=heads, quick_gelu=quick_gelu)
+  from negjax.models import siglip  # SigLIP: Hugging Face SiglipModel folders, big_vision .npz
+  if siglip.is_siglip(path):
+    return siglip.load(path, **stated, allow_nonfinite=allow_nonfinite, **options)
   if os.path.isdir(path) and os.path.exists(os.path.join(path, ORBAX_CONFIG_FILE)):
     config = choose_config(path, _recorded(_read_orbax_config(path), path), **stated)
     model = load_orbax(path, config.replace(**options))
