@@ -27,11 +27,11 @@ def image_forward_flops(c: CLIPConfig) -> float:
   embed = 2 * patches * (c.patch_size ** 2 * 3) * c.vision_width
   head = 2 * c.vision_width * c.embed_dim
   return embed + tower_forward_flops(patches + 1, c.vision_width, c.vision_layers,
-                                     c.mlp_ratio) + head
+                                     c.vision_mlp_ratio) + head
 
 
 def text_forward_flops(c: CLIPConfig, length: int) -> float:
-  return tower_forward_flops(length, c.text_width, c.text_layers, c.mlp_ratio) + (
+  return tower_forward_flops(length, c.text_width, c.text_layers, c.text_mlp_ratio) + (
       2 * c.text_width * c.embed_dim)
 
 

@@ -13,6 +13,8 @@ import tempfile
 import urllib.request
 import zipfile
 import hashlib
+import difflib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -168,20 +170,57 @@ def infer_shapes(sd: dict, source: str = "<state dict>") -> dict:
     return len({int(m.group(1)) for k in sd if (m := pat.match(k))})
 
   v_width, _, patch, _ = shape("visual.conv1.weight")
+  t_width = shape("ln_final.weight")[0]
   grid = int(round((shape("visual.positional_embedding")[0] - 1) ** 0.5))
-  hidden = shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0]
+  v_hidden = shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0]
+  t_hidden = shape("transformer.resblocks.0.mlp.c_fc.weight")[0]
   return dict(
       embed_dim=shape("text_projection")[1], image_size=grid * patch, patch_size=patch,
       vision_width=v_width, vision_layers=count("visual.transformer.resblocks"),
-      text_width=shape("ln_final.weight")[0], text_layers=count("transformer.resblocks"),
+      text_width=t_width, text_layers=count("transformer.resblocks"),
       context_length=shape("positional_embedding")[0],
-      vocab_size=shape("token_embedding.weight")[0], mlp_ratio=hidden / v_width)
+      vocab_size=shape("token_embedding.weight")[0],
+      vision_mlp_ratio=clip.mlp_ratio(v_width, v_hidden),
+      text_mlp_ratio=clip.mlp_ratio(t_width, t_hidden))
+
+
+# Where each `weight_shapes` field shows in an open_clip state dict, in state-dict order.
+_SHAPE_KEYS = [
+    ("vision_width", "visual.conv1.weight"), ("patch_size", "visual.conv1.weight"),
+    ("image_size", "visual.positional_embedding"),
+    ("vision_layers", "visual.transformer.resblocks.*"),
+    ("vision_mlp_ratio", "visual.transformer.resblocks.0.mlp.c_fc.weight"),
+    ("embed_dim", "visual.proj"), ("vocab_size", "token_embedding.weight"),
+    ("context_length", "positional_embedding"), ("text_width", "ln_final.weight"),
+    ("text_layers", "transformer.resblocks.*"),
+    ("text_mlp_ratio", "transformer.resblocks.0.mlp.c_fc.weight"),
+]
+
+
+def nearest_architectures(shapes: dict, n: int = 3) -> str:
+  """The registered architectures closest to a file's `weight_shapes`, each with the
+  first key whose shape does not fit it, e.g. "ViT-B-16 (first mismatch:
+  visual.positional_embedding, image_size 240 here, 224 there)"."""
+  mine = clip.mlp_widths(shapes)
+  rows = []
+  for name, config in clip.ARCHITECTURES.items():
+    if name.endswith("-quickgelu"):
+      continue
+    theirs = clip.mlp_widths(clip.weight_shapes(config))
+    differ = [(f, k) for f, k in _SHAPE_KEYS if mine[f] != theirs[f]]
+    if differ:
+      field, key = differ[0]
+      unit = " hidden" if field.endswith("mlp_ratio") else ""
+      rows.append((len(differ), f"{name} (first mismatch: {key}, {field}{unit} {mine[field]} "
+                                 f"here, {theirs[field]} there)"))
+  rows.sort(key=lambda r: r[0])
+  return "; ".join(text for _, text in rows[:n])
 
 
 def _recorded(architecture: dict, source: str) -> dict:
   """What a file's own record of its architecture (negjax metadata) pins down."""
   try:
-    config = clip.CLIPConfig(**architecture)
+    config = clip.CLIPConfig.from_record(architecture)
   except TypeError as e:
     raise CheckpointError(f"{source}: unreadable recorded architecture ({e})") from None
   return {"shapes": clip.weight_shapes(config), "quick_gelu": config.quick_gelu,
@@ -204,7 +243,8 @@ def choose_config(source: str, recorded: dict, sd: dict | None = None, arch: str
     if heads is not None or quick_gelu is not None:
       raise CheckpointError(f"{source}: give arch= or heads=/quick_gelu=, not both")
     named = clip.get_config(arch)
-    if "shapes" in recorded and recorded["shapes"] != clip.weight_shapes(named):
+    if "shapes" in recorded and (clip.mlp_widths(recorded["shapes"])
+                                 != clip.mlp_widths(clip.weight_shapes(named))):
       raise CheckpointError(f"{source}: the file records a different architecture from "
                             f"{arch}: {recorded['shapes']}")
     heads, quick_gelu = (named.vision_heads, named.text_heads), named.quick_gelu
@@ -220,6 +260,8 @@ def choose_config(source: str, recorded: dict, sd: dict | None = None, arch: str
   quick_gelu = recorded.get("quick_gelu") if quick_gelu is None else quick_gelu
   shapes = recorded.get("shapes") or infer_shapes(sd, source)
   names = clip.same_shapes(shapes)
+  if names:  # the registered MLP ratios, as written in open_clip's configs
+    shapes = clip.weight_shapes(clip.ARCHITECTURES[names[0]])
   if heads is None:
     known = {(clip.ARCHITECTURES[n].vision_heads, clip.ARCHITECTURES[n].text_heads)
              for n in names}
@@ -230,9 +272,10 @@ def choose_config(source: str, recorded: dict, sd: dict | None = None, arch: str
           f"{shapes['vision_layers']} layers, patch {shapes['patch_size']}, "
           f"{shapes['image_size']} px; text width {shapes['text_width']}, "
           f"{shapes['text_layers']} layers; embed {shapes['embed_dim']}) match no registered "
-          f"architecture. Pass heads=(VISION_HEADS, TEXT_HEADS) and quick_gelu=True/False "
-          f"(open_clip's model config: vision width / head_width, text heads), or a known "
-          f"arch= ({', '.join(n for n in clip.ARCHITECTURES if 'quickgelu' not in n)}, "
+          f"architecture; nearest: {nearest_architectures(shapes)}. Pass "
+          f"heads=(VISION_HEADS, TEXT_HEADS) and quick_gelu=True/False (open_clip's model "
+          f"config: vision width / head_width, text heads), or a known arch= "
+          f"({', '.join(n for n in clip.ARCHITECTURES if 'quickgelu' not in n)}, "
           f"each also -quickgelu)")
     heads = known.pop()
   for width, n, tower in ((shapes["vision_width"], heads[0], "vision"),
@@ -405,12 +448,27 @@ def _is_hf(sd):
 
 
 def resolve(name: str) -> str:
-  """The file behind a checkpoint name: `openai:ARCH` -> the cached official file
-  (downloaded when a network exists); any other name is returned as it is."""
+  """The file or folder behind a checkpoint name; any other string is returned as it is.
+
+  - `openai:ARCH`: OpenAI's release, cached in CACHE_DIR/openai/ (downloaded with a network);
+  - `ARCH:PRETRAINED` (open_clip's names, e.g. `ViT-H-14:laion2b_s32b_b79k`): the weights
+    file in CACHE_DIR/open_clip/ARCH/PRETRAINED/ (fetched by open_clip, when installed);
+    `ARCH:openai` is `openai:ARCH`;
+  - `hf:ORG/NAME`: the snapshot folder of that repository in the Hugging Face hub cache
+    (fetched by huggingface_hub, when installed).
+  Without a network the error says exactly where the file or folder must be placed.
+  """
   name = str(name)
-  if not name.startswith("openai:"):
-    return name
-  arch = name.split(":", 1)[1]
+  if name.startswith("openai:"):
+    return _resolve_openai(name, name.split(":", 1)[1])
+  if name.startswith("hf:"):
+    return _resolve_hf(name)
+  if named := open_clip_name(name):
+    return _resolve_open_clip(name, *named)
+  return name
+
+
+def _resolve_openai(name, arch):
   if arch not in OPENAI_URLS:
     raise CheckpointError(f"{name}: unknown OpenAI model; known: "
                           f"{', '.join('openai:' + a for a in OPENAI_URLS)}")
@@ -438,6 +496,131 @@ def resolve(name: str) -> str:
     if os.path.exists(tmp):
       os.remove(tmp)
   return target
+
+
+# The file names open_clip's weights have in its Hugging Face repositories (open_clip 3.3.0
+# open_clip/constants.py HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME), safetensors first.
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# Pretrained tags trained with QuickGELU (open_clip 3.3.0 open_clip/pretrained.py: the tags
+# of the registered architectures whose config says quick_gelu=True): loading them as GELU
+# gives plausible but wrong features, so `ARCH:TAG` without -quickgelu is refused.
+QUICKGELU_TAGS = {"openai", "metaclip_400m", "metaclip_fullcc", "dfn2b", "dfn5b",
+                  "ViT-B-32:laion400m_e31", "ViT-B-32:laion400m_e32"}
+
+
+def open_clip_name(name: str) -> tuple[str, str] | None:
+  """(ARCH, PRETRAINED) when `name` is open_clip's `ARCH:PRETRAINED` form and no such file
+  exists; an ARCH negjax does not register is an error listing the near names."""
+  m = re.fullmatch(r"([A-Za-z][\w.-]*):([A-Za-z0-9][\w.-]*)", str(name))
+  if not m or os.path.exists(name) or m.group(1) in ("openai", "hf"):
+    return None
+  arch, tag = m.groups()
+  if arch not in clip.ARCHITECTURES:
+    raise CheckpointError(f"{name}: {clip.unknown_architecture(arch)}")
+  return arch, tag
+
+
+def _resolve_open_clip(name, arch, tag):
+  base = arch.removesuffix("-quickgelu")
+  if tag == "openai":
+    return _resolve_openai(name, base)
+  if base == arch and (tag in QUICKGELU_TAGS or f"{base}:{tag}" in QUICKGELU_TAGS):
+    raise CheckpointError(f"{name}: open_clip's {tag} weights were trained with QuickGELU; "
+                          f"name them {base}-quickgelu:{tag} (or pass the file's path with "
+                          f"arch='{base}' to run them as GELU on purpose)")
+  folder = os.path.join(CACHE_DIR, "open_clip", base, tag)
+  for file in OPEN_CLIP_FILES:
+    if os.path.exists(os.path.join(folder, file)):
+      return os.path.join(folder, file)
+  place = (f"put open_clip's weights file for it at {os.path.join(folder, OPEN_CLIP_FILES[0])}"
+           f" (or {OPEN_CLIP_FILES[1]} there)")
+  try:
+    return _download_open_clip(base, tag, folder)
+  except _NoDownload as e:
+    raise CheckpointError(f"{name}: not in the cache, and {e}. Without a network, "
+                          f"{place}.") from None
+
+
+class _NoDownload(Exception):
+  """Why a download did not happen (no downloader installed, unknown name, no network)."""
+
+
+def _download_open_clip(arch, tag, folder):
+  """Fetches `ARCH:PRETRAINED` the way open_clip does, into `folder`; open_clip is needed
+  for its table of where each pretrained tag lives."""
+  try:
+    from negjax.reference import open_clip
+    oc = open_clip()
+  except ImportError:
+    raise _NoDownload("open_clip is not installed to fetch it (pip install open_clip_torch)")
+  cfg = oc.pretrained.get_pretrained_cfg(arch, tag)
+  if not cfg:
+    tags = oc.pretrained.list_pretrained_tags_by_model(arch)
+    near = difflib.get_close_matches(tag, tags, n=3)
+    raise _NoDownload(f"open_clip has no {arch} weights called {tag!r}"
+                      f"{'; did you mean ' + ' or '.join(near) + '?' if near else ''} "
+                      f"(known: {', '.join(tags) or 'none'})")
+  where = cfg.get("hf_hub") or cfg.get("url")
+  staging = os.path.join(folder, ".download")
+  try:
+    got = oc.pretrained.download_pretrained(cfg, cache_dir=staging)
+    target = os.path.join(folder, OPEN_CLIP_FILES[0 if got.endswith(".safetensors") else 1])
+    shutil.move(os.path.realpath(got), target)
+  except Exception as e:  # hub and URL downloads raise many kinds; all mean no file
+    raise _NoDownload(f"downloading it from {where} failed ({str(e).splitlines()[0][:200]})")
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return target
+
+
+def hf_hub_cache() -> str:
+  """The Hugging Face hub cache folder, as huggingface_hub finds it."""
+  home = os.environ.get("HF_HOME") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+  return os.path.expanduser(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub"))
+
+
+def _resolve_hf(name):
+  repo = name[len("hf:"):]
+  if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+    raise CheckpointError(f"{name}: a Hugging Face name is hf:ORG/NAME")
+  root = os.path.join(hf_hub_cache(), "models--" + repo.replace("/", "--"))
+  snapshots = os.path.join(root, "snapshots")
+  try:
+    with open(os.path.join(root, "refs", "main")) as f:
+      ref = f.read().strip()
+    if os.path.isdir(os.path.join(snapshots, ref)):
+      return os.path.join(snapshots, ref)
+  except OSError:
+    pass
+  found = sorted(os.listdir(snapshots)) if os.path.isdir(snapshots) else []
+  if len(found) == 1:
+    return os.path.join(snapshots, found[0])
+  if found:
+    raise CheckpointError(f"{name}: {snapshots} holds {len(found)} snapshots and "
+                          f"refs/main names none of them; pass the folder's path")
+  try:
+    return _download_hf(repo)
+  except _NoDownload as e:
+    raise CheckpointError(
+        f"{name}: not in the Hugging Face cache, and {e}. Without a network, put the "
+        f"repository's files (config.json, model.safetensors, tokenizer files) in "
+        f"{os.path.join(snapshots, 'main')}/ (or pass their folder's path).") from None
+
+
+def _download_hf(repo):
+  """The repository's config, weights and tokenizer files, fetched into the hub cache."""
+  try:
+    import huggingface_hub
+  except ImportError:
+    raise _NoDownload("huggingface_hub is not installed to fetch it "
+                      "(pip install huggingface_hub)") from None
+  try:
+    return huggingface_hub.snapshot_download(
+        repo, cache_dir=hf_hub_cache(),
+        allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+  except Exception as e:  # network, auth and not-found errors all mean no folder
+    raise _NoDownload(f"downloading it failed ({str(e).splitlines()[0][:200]})") from None
 
 
 def read_canonical(path: str) -> tuple[dict, dict]:
@@ -485,7 +668,8 @@ def _recorded_by_hf(cfg_file):
 def load_model(path_or_name: str, arch: str | None = None, *,
                heads: tuple[int, int] | None = None, quick_gelu: bool | None = None,
                allow_nonfinite: bool = False, **options) -> clip.CLIP:
-  """Loads CLIP weights from any supported file, folder or `openai:ARCH` name.
+  """Loads CLIP weights from any supported file or folder, or a name (`openai:ARCH`,
+  open_clip's `ARCH:PRETRAINED`, `hf:ORG/NAME`: see `resolve`).
 
   The architecture comes from the file where it records it (negjax files, Hugging Face
   config.json, OpenAI archives); what it does not record must be stated: `arch` (a
@@ -494,6 +678,9 @@ def load_model(path_or_name: str, arch: str | None = None, *,
   `allow_nonfinite`. `options` set numerics (dtype, param_dtype, scan_layers, remat).
   """
   path = str(path_or_name)
+  named = open_clip_name(path)
+  if named and named[1] != "openai" and (arch, heads, quick_gelu) == (None, None, None):
+    arch = named[0]  # open_clip's ARCH:PRETRAINED names the architecture
   path = resolve(path)
   stated = dict(arch=arch, heads=heads, quick_gelu=quick_gelu)
   from negjax.models import siglip  # SigLIP: Hugging Face SiglipModel folders, big_vision .npz
