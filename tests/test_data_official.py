@@ -171,3 +171,46 @@ def test_one_stream_only(tmp_path):
   config["mcq_csv"], config["caption_csv"] = str(tmp_path / "negmcq.csv"), ""
   batch = next(train_input.make_iterator(None, config, 2, 0, 16, (0, 1)))
   assert set(batch) == {"mcq_image", "mcq_ids", "mcq_answer"}
+
+
+def test_mcq_loss_unnormalised_matches_official_formula():
+  from negjax import losses
+  rng = np.random.default_rng(0)
+  image, options = rng.normal(size=(3, 5)) * 3, rng.normal(size=(3, 4, 5)) * 2
+  answer, scale = np.array([0, 3, 1]), 7.0
+  logits = scale * np.einsum("bd,bod->bo", image, options)  # no L2 normalisation
+  logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1))[:, None] \
+      - logits.max(1, keepdims=True)
+  expected = -logp[np.arange(3), answer].mean()
+  got = losses.mcq_loss(image, options, answer, scale, normalize=False)
+  np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+  normalised = losses.mcq_loss(image, options, answer, scale, normalize=True)
+  assert abs(float(normalised) - expected) > 1e-3  # the option changes the loss
+
+
+def test_loss_scores_mcq_rows_with_their_own_images():
+  from flax import nnx
+  from negjax import train_step
+  from negjax.models import clip
+  model = clip.CLIP(clip.get_config("negjax-tiny"), nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  rng = np.random.default_rng(1)
+  size = model.config.image_size
+  images = lambda: rng.integers(0, 255, (2, size, size, 3), dtype=np.uint8)
+  ids = lambda *shape: rng.integers(1, 400, shape).astype(np.int32)
+  caption_part = {"image": images(), "caption_ids": ids(2, 8)}
+  mcq_part = {"mcq_image": images(), "mcq_ids": ids(2, 4, 8), "mcq_answer": np.array([1, 2])}
+  loss = lambda batch, mcq_weight=0.01, **kw: train_step.loss_fn(
+      params, graphdef, batch, 0.99, mcq_weight, **kw)[1]
+  both = loss({**caption_part, **mcq_part}, mcq_normalize=False)
+  alone = loss(caption_part, mcq_weight=0.0)
+  np.testing.assert_allclose(both["contrastive_loss"], alone["contrastive_loss"], rtol=1e-5)
+  from negjax import losses
+  expected = losses.mcq_loss(
+      model.encode_image(train_step.normalize_images(mcq_part["mcq_image"])),
+      model.encode_text(mcq_part["mcq_ids"].reshape(8, 8)).reshape(2, 4, -1),
+      mcq_part["mcq_answer"], model.temperature(), normalize=False)
+  np.testing.assert_allclose(both["mcq_loss"], expected, rtol=1e-4)
+  same_images = loss({**caption_part, **mcq_part, "mcq_image": caption_part["image"]},
+                     mcq_normalize=False)
+  assert abs(float(same_images["mcq_loss"]) - float(both["mcq_loss"])) > 1e-4

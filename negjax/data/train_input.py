@@ -162,6 +162,20 @@ def streams(data_config, image_size):
   return captions_, mcq
 
 
+def input_paths(data_config):
+  """The files a two-stream `data.source` reads (for provenance)."""
+  source = data_config.get("source", "records")
+  if source == "webdataset":
+    from negjax.data import webdataset
+    paths = webdataset.expand(data_config.shards)
+  elif source == "converted":
+    paths = [data_config.dir]
+  else:
+    paths = [data_config.get("caption_csv")]
+  mcq = [] if source == "converted" else [data_config.get("mcq_csv")]  # (converted: its own)
+  return [p for p in paths + mcq if p]
+
+
 class CaptionExample(grain.transforms.Map):
   """{"image", "caption"} -> {"image", "caption_ids"}."""
 
