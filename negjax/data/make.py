@@ -161,9 +161,10 @@ def sources(config):
   if config.source == "shapes":
     return (ShapesWorld(config.seed, TRAIN, config.train_size, config.num_absent),
             ShapesWorld(config.seed, EVAL, config.eval_size, config.num_absent), [])
-  keys = {"coco": ("train_annotations", "eval_annotations"), "csv": ("train_csv", "eval_csv")}
+  keys = {"coco": ("train_annotations", "eval_annotations"), "csv": ("train_csv", "eval_csv"),
+          "captions": ("train_csv", "eval_csv")}
   if config.source not in keys:
-    raise cli.UserError(f"unknown source {config.source!r}: use shapes, coco or csv")
+    raise cli.UserError(f"unknown source {config.source!r}: use shapes, coco, csv or captions")
   if not any(config.get(k) for k in keys[config.source]):
     raise cli.UserError(f"set --config.{keys[config.source][0]} and/or "
                         f"--config.{keys[config.source][1]}")
@@ -176,6 +177,9 @@ def sources(config):
     elif config.source == "csv":
       path = config.get(f"{split}_csv")
       read = lambda p: annotations.read_csv(p, config.image_root, config.check_images)
+    elif config.source == "captions":
+      path = config.get(f"{split}_csv")
+      read = lambda p: read_captions(p, config)
     if not path:
       out.append(None)
       continue
@@ -184,6 +188,25 @@ def sources(config):
     size = config.get(f"{split}_size")
     out.append(FileItems(ann, len(ann.items) if size < 0 else min(size, len(ann.items))))
   return out[0], out[1], skipped
+
+
+def read_captions(path, config):
+  """A caption CSV (official layout, negjax.data.official) -> per-image objects, through the
+  configured extractor (negjax.data.extract). Rows without a known object are skipped."""
+  from negjax.data import extract, official
+  table = official.read_captions(path, config.image_column, config.caption_column,
+                                 config.separator, config.image_root, config.check_images)
+  extractor = extract.make_extractor(config)
+  items, skipped = [], list(table.skipped)
+  for row, found in zip(table.rows, extractor.extract([r.caption for r in table.rows])):
+    if found is None:
+      skipped.append((row.key, "the extractor gave no usable answer"))
+    elif not found.present:
+      skipped.append((row.key, f"no known object in {row.caption!r}"))
+    else:
+      items.append(annotations.Item(row.key, row.image_path, found.present, found.absent))
+  names = set(extractor.vocabulary) | {o for i in items for o in i.present + i.absent}
+  return annotations.Annotations(str(path), items, tuple(sorted(names)), skipped)
 
 
 def _examples(config, source, split):
@@ -240,7 +263,7 @@ def _write_csv(path, header, rows):
 def default_config(source="shapes", **overrides):
   """Every knob of `build`; configs/data/*.py return this for their source."""
   c = ml_collections.ConfigDict()
-  c.source = source  # "shapes", "coco" or "csv"
+  c.source = source  # "shapes", "coco", "csv" or "captions"
   c.name = {"shapes": "shapes", "coco": "coco"}.get(source, "custom")  # file name prefix
   c.out = ""  # required: output directory
   c.seed = 0
@@ -263,8 +286,18 @@ def default_config(source="shapes", **overrides):
     c.train_csv, c.eval_csv = "", ""
     c.image_root = ml_collections.config_dict.placeholder(str)  # None: the CSV's directory
     c.check_images = True
+  elif source == "captions":  # image-text pairs: objects extracted from the captions
+    c.train_csv, c.eval_csv = "", ""  # caption CSVs (negjax.data.official layout)
+    c.image_column, c.caption_column, c.separator = "filepath", "title", "\t"
+    c.image_root = ml_collections.config_dict.placeholder(str)
+    c.check_images = True
+    c.extractor = "vocabulary"  # or "chat": an OpenAI-compatible endpoint
+    c.extractor_url = ""  # chat: API base, e.g. http://localhost:8000/v1
+    c.extractor_model = ""  # chat: the served model's name
+    c.extractor_batch = 16  # chat: captions per request
+    c.extractor_cache = ""  # chat: JSON-lines answer cache ("" : none)
   elif source != "shapes":
-    raise cli.UserError(f"unknown source {source!r}: use shapes, coco or csv")
+    raise cli.UserError(f"unknown source {source!r}: use shapes, coco, csv or captions")
   c.update(overrides)
   return c
 
