@@ -58,6 +58,7 @@ def get_config(preset: str = "shapes"):
   c.data.workers = 0  # Grain worker processes (0: in the main process)
 
   c.loss = ml_collections.ConfigDict()
+  c.loss.kind = "softmax"  # image-text loss: softmax (CLIP's contrastive) or sigmoid (SigLIP's)
   c.loss.contrastive_weight = 0.5
   c.loss.mcq_weight = 0.5
 

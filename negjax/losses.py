@@ -4,8 +4,10 @@ Both score L2-normalised features scaled by the model's temperature, in float32.
 options use the `(batch, options, dim)` axis order, the same as the evaluator
 (`negjax.metrics.mcq_logits`), so training and evaluation rank options identically.
 """
+import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from negjax import sharding
 from negjax.metrics import mcq_logits
@@ -25,6 +27,54 @@ def contrastive_loss(image_features, text_features, scale):
   per_image = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   per_text = optax.softmax_cross_entropy_with_integer_labels(logits_t, labels)
   return 0.5 * (per_image.mean() + per_text.mean())
+
+
+SIGMOID_BIAS = -10.0  # the fixed logit bias of models without a learned one (SigLIP's init)
+
+
+def sigmoid_loss(image_features, text_features, scale, bias=SIGMOID_BIAS):
+  """SigLIP's pairwise sigmoid loss: -sum_ij log sigmoid(z_ij (scale cos_ij + bias)) / B,
+  with z = +1 for pair (image i, text i) and -1 for every other pair (big_vision's siglip
+  trainer). `bias`: the model's learned logit bias (SigLIP), else fixed at -10.
+
+  Under a mesh whose batch axes split the batch, each device scores its own images against
+  all texts, a [B / devices, B] block (shard_map; the texts are all-gathered), and the sums
+  are added over devices: no device holds the global B x B matrix."""
+  image_features, text_features = l2_normalize(image_features), l2_normalize(text_features)
+  bias = jnp.asarray(bias, jnp.float32)
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = sharding.BATCH_AXES
+  n = image_features.shape[0]
+  if (mesh.empty or not set(axes) <= set(mesh.axis_names)
+      or sharding.batch_shards(mesh) == 1 or n % sharding.batch_shards(mesh)):
+    return -_pair_loglik(image_features, text_features, scale, bias, 0) / n
+
+  def block(img, txt, scale, bias):
+    every_text = jax.lax.all_gather(txt, axes, axis=0, tiled=True)
+    first = jax.lax.axis_index(axes) * img.shape[0]  # this block's first global row
+    return jax.lax.psum(_pair_loglik(img, every_text, scale, bias, first), axes)
+
+  total = jax.shard_map(block, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()),
+                        out_specs=P())(image_features, text_features, scale, bias)
+  return -total / n
+
+
+def _pair_loglik(img, txt, scale, bias, first):
+  """Sum of log sigmoid(z * logits) over rows `first`.. of the [rows, B] block."""
+  logits = scale * img @ txt.T + bias
+  positive = jnp.arange(img.shape[0])[:, None] + first == jnp.arange(txt.shape[0])[None, :]
+  return jax.nn.log_sigmoid(jnp.where(positive, logits, -logits)).sum()
+
+
+def image_text_loss(kind, image_features, text_features, scale, bias=None):
+  """The image-text loss `loss.kind` names: "softmax" (CLIP's contrastive) or "sigmoid"
+  (SigLIP's; `bias` None: the fixed SIGMOID_BIAS)."""
+  if kind == "softmax":
+    return contrastive_loss(image_features, text_features, scale)
+  if kind == "sigmoid":
+    return sigmoid_loss(image_features, text_features, scale,
+                        SIGMOID_BIAS if bias is None else bias)
+  raise ValueError(f"unknown loss kind {kind!r}; known: softmax, sigmoid")
 
 
 def mcq_loss(image_features, option_features, answer, scale):

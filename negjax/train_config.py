@@ -56,6 +56,9 @@ def validate(config) -> None:
 
   number("loss.contrastive_weight", c.loss.contrastive_weight)
   number("loss.mcq_weight", c.loss.mcq_weight)
+  need(c.loss.get("kind", "softmax") in ("softmax", "sigmoid"),
+       f"loss.kind must be 'softmax' (CLIP's contrastive loss) or 'sigmoid' (SigLIP's), "
+       f"got {c.loss.get('kind')!r}")
   need(c.loss.contrastive_weight != 0 or c.loss.mcq_weight != 0,
        "loss.contrastive_weight and loss.mcq_weight are both 0: nothing to train")
   number("optim.lr", c.optim.lr, low_open=True)

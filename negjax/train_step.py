@@ -14,7 +14,8 @@ from flax import nnx
 from negjax import losses, sharding
 from negjax.image import OPENAI_MEAN, OPENAI_STD
 
-NO_DECAY = ("bias", "scale", "class_embedding", "logit_scale")  # gains, biases, temperature
+NO_DECAY = ("bias", "scale", "class_embedding", "logit_scale",  # gains, biases, temperature
+            "logit_bias")
 
 
 def learning_rate_schedule(lr, warmup_steps, total_steps, end_ratio=0.0):
@@ -45,8 +46,9 @@ def normalize_images(images_uint8, dtype=jnp.float32):
   return ((x - jnp.asarray(OPENAI_MEAN)) / jnp.asarray(OPENAI_STD)).astype(dtype)
 
 
-def loss_fn(params, graphdef, batch, contrastive_weight, mcq_weight):
-  """Weighted contrastive + MCQ loss."""
+def loss_fn(params, graphdef, batch, contrastive_weight, mcq_weight, kind="softmax"):
+  """Weighted image-text loss (`kind`: "softmax" contrastive or "sigmoid", see
+  losses.image_text_loss) + MCQ loss."""
   model = nnx.merge(graphdef, params)
   images = model.encode_image(normalize_images(batch["image"]))
   caption_features = model.encode_text(batch["caption_ids"])
@@ -56,7 +58,8 @@ def loss_fn(params, graphdef, batch, contrastive_weight, mcq_weight):
     option_features = model.encode_text(batch["mcq_ids"].reshape(b * o, length))
     option_features = option_features.reshape(b, o, -1)
   scale = model.temperature()
-  contrastive = losses.contrastive_loss(images, caption_features, scale)
+  bias = model.bias() if hasattr(model, "bias") else None  # SigLIP's learned logit bias
+  contrastive = losses.image_text_loss(kind, images, caption_features, scale, bias)
   mcq = (losses.mcq_loss(images, option_features, batch["mcq_answer"], scale)
          if use_mcq else jnp.zeros((), jnp.float32))
   total = contrastive_weight * contrastive + mcq_weight * mcq
@@ -96,7 +99,8 @@ def make_train_step(graphdef, tx, schedule, loss_config, mesh, state_shardings):
   def _step(state, batch):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, metrics), grads = grad_fn(state["params"], graphdef, batch,
-                                  loss_config.contrastive_weight, loss_config.mcq_weight)
+                                  loss_config.contrastive_weight, loss_config.mcq_weight,
+                                  loss_config.get("kind", "softmax"))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = clamp_logit_scale(optax.apply_updates(state["params"], updates))
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
