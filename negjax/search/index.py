@@ -113,9 +113,10 @@ def scan(folder):
 
 
 def build(images, checkpoint, out, batch_size=64, workers=0, arch=None, model=None,
-          progress=True, log=print):
+          encoders=None, progress=True, log=print):
   """Indexes every image under `images` into `out` (updating an index already there) and
-  returns the Index. `model`: the loaded checkpoint, when the caller has it already."""
+  returns the Index. `model` (and its `evaluate.Encoders`, compiled once for several
+  calls): the loaded checkpoint, when the caller has it already."""
   from negjax import evaluate
   from negjax.models import clip, weights
   folder = os.path.abspath(images)
@@ -151,6 +152,8 @@ def build(images, checkpoint, out, batch_size=64, workers=0, arch=None, model=No
 
   if model is None and todo:
     model = weights.load_model(record["path"], arch=arch)
+  if encoders is None and todo:
+    encoders = evaluate.Encoders(model)
   if old is not None:
     name = old.model
   else:
@@ -158,9 +161,8 @@ def build(images, checkpoint, out, batch_size=64, workers=0, arch=None, model=No
   features = old.features[kept_rows] if old else np.zeros((0, 0), np.float32)
   new = []
   if todo:
-    enc = evaluate.Encoders(model)
     feats, ok, bad = evaluate.encode_media(
-        enc, [os.path.join(folder, e["path"]) for e in todo], batch_size, 1, workers,
+        encoders, [os.path.join(folder, e["path"]) for e in todo], batch_size, 1, workers,
         desc="indexing" if progress else None)
     feats = feats / np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
     if not np.isfinite(feats[ok]).all():
@@ -175,7 +177,7 @@ def build(images, checkpoint, out, batch_size=64, workers=0, arch=None, model=No
   order = np.argsort([f["path"] for f in files], kind="stable")
   index = Index(folder=folder, files=[files[i] for i in order], features=features[order],
                 checkpoint=record, model=name,
-                image_size=int(model.config.image_size) if model else old.image_size,
+                image_size=encoders.image_size if encoders else old.image_size,
                 skipped=sorted(skipped, key=lambda s: s["path"]),
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(
                     timespec="seconds"))

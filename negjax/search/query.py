@@ -37,9 +37,10 @@ def too_long_note(text, context_length):
 
 class Searcher:
   """One index and the model that made it. `checkpoint`: the checkpoint to query with; it
-  must be the index's (by content). None: the one the index records."""
+  must be the index's (by content). None: the one the index records. `encoders`: its
+  `evaluate.Encoders`, when the caller has them already."""
 
-  def __init__(self, path, checkpoint=None, arch=None, model=None):
+  def __init__(self, path, checkpoint=None, arch=None, encoders=None):
     from negjax import evaluate
     from negjax.models import weights
     self.path = path
@@ -54,11 +55,11 @@ class Searcher:
     else:
       record = index_lib.checkpoint_record(checkpoint)
       self.index.same_checkpoint(record)
-    if model is None:
-      model = weights.load_model(record["path"], arch=arch)
+    if encoders is None:
+      encoders = evaluate.Encoders(weights.load_model(record["path"], arch=arch))
     self.name = self.index.model
     self.checkpoint = record["name"]
-    self.enc = evaluate.Encoders(model)
+    self.enc = encoders
     self.features = jnp.asarray(self.index.features)
 
   def query_vectors(self, texts, baseline="plain", alpha=baselines.DEFAULT_ALPHA):
@@ -106,7 +107,8 @@ def run(index, text, top=20, compare=None, checkpoint=None, baseline="plain",
   baselines.check(baseline, alpha)
   searchers = [Searcher(index, checkpoint, arch)]
   if compare:
-    searchers.append(Searcher(compare, None, arch))
+    same = index_lib.load(compare).checkpoint["sha256"] == searchers[0].index.checkpoint["sha256"]
+    searchers.append(Searcher(compare, None, arch, searchers[0].enc if same else None))
   notes, columns = [], []
   for s in searchers:
     columns.append((f"{s.name} [{s.checkpoint}]", s.search(text, top, baseline, alpha, notes)))
