@@ -34,4 +34,9 @@ def get_config():
   # A file with more unreadable media than this share is an error (skipped items would
   # shrink the denominators); a file with none readable always is.
   c.max_skipped_fraction = 0.01
+  # How texts are scored: "plain" (CLIP), or "decompose": a text the caption grammar reads
+  # as "A but not N" scores sim(A) - alpha * sim(N), others plainly (negjax.search.baselines).
+  # Run once per baseline (each into its own workdir) to compare them with fine-tuning.
+  c.baseline = "plain"
+  c.alpha = 1.0
   return c

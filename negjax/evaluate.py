@@ -92,6 +92,8 @@ def encode_media(enc, paths, batch_size, frames=1, workers=0, desc=None):
 
 def encode_texts(enc, texts, batch_size):
   """Features [N, D] of a list of strings, encoded in static-shape batches."""
+  if hasattr(enc, "texts"):  # texts scored by a search baseline (negjax.search.baselines)
+    return enc.texts(texts, batch_size)
   if getattr(enc, "tokenize", None):  # the model's own tokenizer, ids of the length it takes
     ids = enc.tokenize(texts)
   else:
@@ -251,16 +253,21 @@ def _report(key, m):
 
 
 def evaluate_sets(model, sets, batch_size=64, workers=0, progress=True, tie_rule="official",
-                  max_skipped_fraction=MAX_SKIPPED_FRACTION, out=None):
+                  max_skipped_fraction=MAX_SKIPPED_FRACTION, out=None, baseline="plain",
+                  alpha=1.0):
   """Metrics of each dataset of `read_files`, by file key. With `out` (a `Workdir`),
   each file's metrics are written as soon as it is done, and files done by an earlier
-  run of the same checkpoint and settings are taken from there, not evaluated again."""
+  run of the same checkpoint and settings are taken from there, not evaluated again.
+  `baseline`/`alpha`: how texts are scored (negjax.search.baselines; "plain" is CLIP's)."""
   if out is not None:
     out.plan(list(sets))
   keys = out.keys() if out is not None else file_keys(list(sets))
   done = sharding.process_0_says(  # only process 0 reads the workdir
       [out is not None and out.done(p, max_skipped_fraction) for p in sets])
   enc = Encoders(model)
+  if baseline != "plain":
+    from negjax.search import baselines
+    enc = baselines.Scored(enc, baseline, alpha)
   results = {}
   for (path, ds), already in zip(sets.items(), done):
     key = keys[path]
@@ -274,6 +281,8 @@ def evaluate_sets(model, sets, batch_size=64, workers=0, progress=True, tie_rule
                              tie_rule)
     else:
       m = evaluate_mcq(enc, ds, batch_size, workers, progress, max_skipped_fraction)
+    if baseline != "plain":  # how many texts the template grammar split; the rest: plain
+      m.update(baseline=baseline, decomposed_texts=enc.take_count())  # alpha: provenance
     results[key] = m
     _report(key, m)
     if progress:
@@ -285,13 +294,14 @@ def evaluate_sets(model, sets, batch_size=64, workers=0, progress=True, tie_rule
 
 
 def evaluate_files(model, files, data_root=None, batch_size=64, workers=0, progress=True,
-                   tie_rule="official", max_skipped_fraction=MAX_SKIPPED_FRACTION):
+                   tie_rule="official", max_skipped_fraction=MAX_SKIPPED_FRACTION,
+                   baseline="plain", alpha=1.0):
   """Metrics for each NegBench file, by file key (the stem, see `file_keys`). `files`
   may be None/empty to use every NegBench CSV under `data_root`; relative files are
   taken from `data_root`. Every file is read and checked before any is encoded."""
   sets = read_files(files, data_root, max_skipped_fraction)
   return evaluate_sets(model, sets, batch_size, workers, progress, tie_rule,
-                       max_skipped_fraction)
+                       max_skipped_fraction, baseline=baseline, alpha=alpha)
 
 
 # ----------------------------------------------------------------------- outputs
@@ -484,6 +494,15 @@ def check_config(c):
   except TypeError:
     raise cli.UserError(f"config.dtype {c.dtype!r} is not a dtype (e.g. float32, "
                         "bfloat16)") from None
+  from negjax.search import baselines
+  baselines.check(c.get("baseline", "plain"), c.get("alpha", 1.0))
+
+
+def _baseline(c):
+  """The text-scoring baseline's settings; none for plain CLIP scoring, so plain runs keep
+  the settings (and reuse the results) of runs made before baselines existed."""
+  baseline = c.get("baseline", "plain")
+  return {} if baseline == "plain" else {"baseline": baseline, "alpha": float(c.alpha)}
 
 
 def run(c):
@@ -498,9 +517,10 @@ def run(c):
   arch = c.arch or clip.architecture_name(model.config) or model.config.architecture
   _on_process_0(lambda: out.start(provenance.record(  # openai:NAME: its cached file, hashed
       checkpoint=weights.resolve(c.checkpoint), architecture=arch, dtype=c.dtype,
-      settings={"tie_rule": c.tie_rule, "data_root": data_root and os.path.abspath(data_root)})))
+      settings={"tie_rule": c.tie_rule, "data_root": data_root and os.path.abspath(data_root),
+                **_baseline(c)})))
   results = evaluate_sets(model, sets, c.batch_size, c.workers, True, c.tie_rule,
-                          c.max_skipped_fraction, out)
+                          c.max_skipped_fraction, out, **_baseline(c))
   if out is not None:
     print(f"wrote {os.path.join(c.workdir, 'results.json')}")
     for key, value in official_names(results).items():
