@@ -1,0 +1,165 @@
+"""The memory/fit table: which CLIP fits which slice at which global batch.
+
+  python benchmarks/aot.py --out /tmp/aot.jsonl            # compile the grid (slow: minutes each)
+  python benchmarks/aot.py --out /tmp/aot.jsonl --table    # the README table from what is there
+
+For each (architecture, target, remat, mesh) it looks for the largest global batch in
+1k..32k that fits, by bisection (a batch that fits means every smaller one does), each
+point one `python -m negjax.compile` in its own process (`configs/negclip.py:paper`, bf16,
+77-token texts, caption + 4 MCQ options, scanned layers so compile time does not grow with
+depth, the evaluator not compiled). Results are appended to --out as JSON lines as they
+come, so an interrupted run keeps what it measured and a rerun skips it. GPU targets need
+the CUDA plugin and a target spec (`negjax.compile --gpu`); without them they are listed
+as not measured.
+"""
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ARCHS = ("ViT-B-16", "ViT-L-14", "ViT-H-14")
+TARGETS = {"v5e-256": "v5e:16x16", "v5p-128": "v5p:4x4x4", "v6e-256": "v6e:16x16",
+           "8xH200": "gpu:h200:8"}
+BATCHES = (1024, 2048, 4096, 8192, 16384, 32768)
+MESHES = {"fsdp": ("1", "-1"), "dp": ("-1", "1")}  # (mesh.data, mesh.fsdp)
+GiB = 1 << 30
+
+
+def key(arch, target, remat, mesh, batch):
+  return f"{arch}|{target}|remat={int(remat)}|{mesh}|{batch}"
+
+
+def compile_point(arch, target, remat, mesh, batch, timeout, gpu_spec=None):
+  """One `negjax.compile` run -> its JSON figures (or {"error": ...})."""
+  topology = TARGETS[target]
+  data, fsdp = MESHES[mesh]
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "r.json")
+    cmd = [sys.executable, "-m", "negjax.compile", "--config", "configs/negclip.py:paper",
+           f"--config.model.arch={arch}", "--config.model.dtype=bfloat16",
+           "--config.model.scan_layers=True", f"--config.model.remat={remat}",
+           f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}",
+           f"--config.batch_size={batch}", "--noeval", "--json", out]
+    env = dict(os.environ)
+    if topology.startswith("gpu:"):
+      _, chip, gpus = topology.split(":")
+      if not gpu_spec:
+        return {"error": "not measured: no --gpu_target_config"}
+      cmd += ["--gpu", chip, "--gpus", gpus, "--gpu_target_config", gpu_spec]
+      env["JAX_PLATFORMS"] = "cpu"
+    else:
+      cmd += ["--topology", topology]
+    try:
+      p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    except subprocess.TimeoutExpired:
+      return {"error": f"compile took over {timeout} s"}
+    if p.returncode or not os.path.exists(out):
+      lines = [l for l in p.stderr.splitlines() if "rror" in l] or p.stderr.splitlines()[-1:]
+      return {"error": (lines[-1] if lines else f"exit {p.returncode}")[:300]}
+    with open(out) as f:
+      return json.load(f)
+
+
+def load(path):
+  done = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        r = json.loads(line)
+        done[r["key"]] = r
+  return done
+
+
+def largest_fit(results, arch, target, remat, mesh):
+  """(largest measured batch that fits, smallest that does not)."""
+  fit = [b for b in BATCHES if results.get(key(arch, target, remat, mesh, b), {}).get("fits")]
+  nofit = [b for b in BATCHES if results.get(key(arch, target, remat, mesh, b), {}).get(
+      "fits") is False]
+  return (max(fit) if fit else None), (min(nofit) if nofit else None)
+
+
+def search(results, args, arch, target, remat, mesh, write):
+  """Bisection over BATCHES for the largest that fits; measured points are reused."""
+  lo, hi = -1, len(BATCHES)  # BATCHES[lo] fits, BATCHES[hi] does not
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    k = key(arch, target, remat, mesh, BATCHES[mid])
+    if k not in results:
+      print(f"compiling {k}", flush=True)
+      r = compile_point(arch, target, remat, mesh, BATCHES[mid], args.timeout, args.gpu_spec)
+      r["key"] = k
+      results[k] = r
+      write(r)
+      print(f"  -> fits={r.get('fits')} peak={r.get('peak_bytes')} {r.get('error', '')}",
+            flush=True)
+    fits = results[k].get("fits")
+    if fits is None:  # an error that is not out-of-memory: nothing to bisect on
+      return
+    lo, hi = (mid, hi) if fits else (lo, mid)
+
+
+def table(results) -> str:
+  """Markdown: one row per (arch, target, remat, mesh): largest batch that fits and the
+  per-device peak at each measured batch."""
+  head = ("| model | target | remat | mesh | largest fit | "
+          + " | ".join(f"{b // 1024}k" for b in BATCHES) + " |")
+  lines = [head, "|" + "---|" * (5 + len(BATCHES))]
+  for arch, target, remat, mesh in itertools.product(ARCHS, TARGETS, (False, True), MESHES):
+    cells, any_measured = [], False
+    for b in BATCHES:
+      r = results.get(key(arch, target, remat, mesh, b))
+      if r is None:
+        cells.append("")
+      elif r.get("fits") is None:
+        cells.append("error")
+        any_measured = True
+      else:
+        any_measured = True
+        peak = r.get("peak_bytes") or r.get("temp_bytes")
+        mark = "" if r["fits"] else " OOM"
+        cells.append(f"{peak / GiB:.1f}{mark}" if peak else mark.strip())
+    if not any_measured:
+      continue
+    best, worst = largest_fit(results, arch, target, remat, mesh)
+    if best is None:
+      fit = f"< {worst}" if worst else "?"
+    else:
+      fit = f"{best}" if worst or best == BATCHES[-1] else f">= {best}"
+      fit += "+" if best == BATCHES[-1] else ""
+    lines.append(f"| {arch} | {target} | {'on' if remat else 'off'} | {mesh} | {fit} | "
+                 + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", default="benchmarks/aot.jsonl")
+  ap.add_argument("--table", action="store_true", help="print the table only")
+  ap.add_argument("--archs", default=",".join(ARCHS))
+  ap.add_argument("--targets", default=",".join(TARGETS))
+  ap.add_argument("--remat", default="1,0")
+  ap.add_argument("--meshes", default="fsdp,dp")
+  ap.add_argument("--timeout", type=int, default=1200)
+  ap.add_argument("--gpu_spec", default=None, help="GpuTargetConfigProto text for H200")
+  args = ap.parse_args()
+  results = load(args.out)
+  if not args.table:
+    with open(args.out, "a") as f:
+      def write(r):
+        f.write(json.dumps(r) + "\n")
+        f.flush()
+      for arch, target, remat, mesh in itertools.product(
+          args.archs.split(","), args.targets.split(","),
+          [bool(int(x)) for x in args.remat.split(",")], args.meshes.split(",")):
+        search(results, args, arch, target, remat, mesh, write)
+  print("Per-device peak memory (GiB) by global batch; OOM: the compiler's figure where it "
+        "refused the program; blank: not measured.\n")
+  print(table(results))
+
+
+if __name__ == "__main__":
+  main()
