@@ -22,6 +22,9 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.checkpoint = ""  # any file negjax.load_model reads (OpenAI .pt, open_clip, HF, Orbax)
   c.arch = ""  # e.g. "ViT-B-32-quickgelu" when the file does not record it
+  # A leaderboard instead of `checkpoint`: comma-separated NAME[=ARCH] entries (openai:ARCH,
+  # shapes, a file or folder), each evaluated into WORKDIR/models/ (negjax.leaderboard).
+  c.checkpoints = ""
   c.files = ""  # comma-separated CSVs; empty: all NegBench files under data_root
   c.data_root = ""  # where relative media paths (and relative `files`) start
   c.workdir = "negbench_eval"

@@ -36,6 +36,9 @@ class Encoders:
     # The model's own text and image input where it has them (SigLIP), else CLIP's.
     self.tokenize = getattr(model, "tokenize", None)
     self.transforms = getattr(model, "image_transforms", None)
+    # What this model's media batches depend on (eval_input.media_batches' inputs): models
+    # with equal keys are given the same decoded batches (negjax.leaderboard).
+    self.media_key = (self.image_size, self.transforms)
     self._image = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x))
     self._text = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_text(x))
 
@@ -61,10 +64,23 @@ def encode_media(enc, paths, batch_size, frames=1, workers=0, desc=None):
   Returns (features, ok [N] bool, skipped [{"path", "error"}]). Raises on a
   decompression bomb, naming the file.
   """
+  (result,) = encode_media_shared([enc], paths, batch_size, frames, workers, desc)
+  if isinstance(result, Exception):
+    raise result
+  return result
+
+
+def encode_media_shared(encs, paths, batch_size, frames=1, workers=0, desc=None):
+  """`encode_media` for several models that take the same input (equal `media_key`):
+  each batch is decoded once and encoded by every model. Returns one result per model; a
+  model whose encoder raised gets that exception instead and is not run again."""
   from tqdm import tqdm
-  batches, steps = eval_input.media_batches(paths, enc.image_size, batch_size, frames, workers,
-                                            getattr(enc, "transforms", None))
-  feats, index, status, skipped = [], [], [], []
+  if len({enc.media_key for enc in encs}) != 1:
+    raise ValueError(f"models take different inputs: {[enc.media_key for enc in encs]}")
+  batches, steps = eval_input.media_batches(paths, encs[0].image_size, batch_size, frames,
+                                            workers, getattr(encs[0], "transforms", None))
+  feats, failed = [[] for _ in encs], [None] * len(encs)
+  index, status, skipped = [], [], []
   for batch in tqdm(batches, total=steps, desc=desc, leave=False, disable=desc is None):
     for i, s, e in zip(batch["index"], batch["status"], batch["error"]):
       if s == eval_input.BOMB:
@@ -73,21 +89,38 @@ def encode_media(enc, paths, batch_size, frames=1, workers=0, desc=None):
         skipped.append({"path": paths[i], "error": str(e)})
     images = batch["image"]
     b, f = images.shape[:2]
-    x = enc.image(jnp.asarray(images.reshape((b * f,) + images.shape[2:])))
-    x = x.reshape(b, f, -1)
-    feats.append(x[:, 0] if f == 1 else frame_mean(x, batch["frames"]))
+    pixels = jnp.asarray(images.reshape((b * f,) + images.shape[2:]))
+    for j, enc in enumerate(encs):
+      if failed[j] is None:
+        try:
+          x = enc.image(pixels).reshape(b, f, -1)
+          feats[j].append(x[:, 0] if f == 1 else frame_mean(x, batch["frames"]))
+        except Exception as e:  # this model is out; the others go on
+          failed[j] = e
+    if all(e is not None for e in failed):
+      return failed
     index.append(batch["index"])
     status.append(batch["status"])
   # each process's share, concatenated over processes
-  feats = np.asarray(sharding.to_host(jnp.concatenate(feats)))
   index, status = (np.asarray(sharding.to_host(np.concatenate(x))) for x in (index, status))
-  out = np.zeros((len(paths), feats.shape[1]), np.float32)
-  ok = np.zeros(len(paths), bool)
   real = index >= 0
-  out[index[real]] = feats[real]
-  ok[index[real]] = status[real] == eval_input.OK
   skipped.sort(key=lambda x: x["path"])
-  return out, ok, skipped
+  results = []
+  for model_feats, error in zip(feats, failed):
+    if error is None:
+      try:
+        model_feats = np.asarray(sharding.to_host(jnp.concatenate(model_feats)))
+      except Exception as e:  # errors of asynchronous dispatch surface here
+        error = e
+    if error is not None:
+      results.append(error)
+      continue
+    out = np.zeros((len(paths), model_feats.shape[1]), np.float32)
+    ok = np.zeros(len(paths), bool)
+    out[index[real]] = model_feats[real]
+    ok[index[real]] = status[real] == eval_input.OK
+    results.append((out, ok, list(skipped)))
+  return results
 
 
 def encode_texts(enc, texts, batch_size):
@@ -141,9 +174,11 @@ def check_finite(file, image, text):
 
 
 def evaluate_mcq(enc, ds, batch_size, workers=0, progress=True,
-                 max_skipped_fraction=MAX_SKIPPED_FRACTION):
-  image, ok, skipped = encode_media(enc, ds.paths, batch_size, _frames(ds.paths), workers,
-                                    desc=os.path.basename(ds.file) if progress else None)
+                 max_skipped_fraction=MAX_SKIPPED_FRACTION, media=None):
+  """`media`: the file's `encode_media` result when it was encoded already."""
+  image, ok, skipped = media or encode_media(
+      enc, ds.paths, batch_size, _frames(ds.paths), workers,
+      desc=os.path.basename(ds.file) if progress else None)
   check_skipped(ds.file, len(ds.paths), skipped, max_skipped_fraction)
   n, o = len(ds.options), len(ds.options[0])
   options = encode_texts(enc, [t for row in ds.options for t in row], batch_size)
@@ -157,10 +192,13 @@ def evaluate_mcq(enc, ds, batch_size, workers=0, progress=True,
 
 
 def evaluate_retrieval(enc, ds, batch_size, workers=0, progress=True,
-                       max_skipped_fraction=MAX_SKIPPED_FRACTION, tie_rule="official"):
-  """Items whose media cannot be read are left out together with their captions."""
-  image, ok, skipped = encode_media(enc, ds.paths, batch_size, _frames(ds.paths), workers,
-                                    desc=os.path.basename(ds.file) if progress else None)
+                       max_skipped_fraction=MAX_SKIPPED_FRACTION, tie_rule="official",
+                       media=None):
+  """Items whose media cannot be read are left out together with their captions.
+  `media`: the file's `encode_media` result when it was encoded already."""
+  image, ok, skipped = media or encode_media(
+      enc, ds.paths, batch_size, _frames(ds.paths), workers,
+      desc=os.path.basename(ds.file) if progress else None)
   check_skipped(ds.file, len(ds.paths), skipped, max_skipped_fraction)
   kept = np.flatnonzero(ok)
   texts = [c for i in kept for c in ds.captions[i]]
@@ -171,6 +209,15 @@ def evaluate_retrieval(enc, ds, batch_size, workers=0, progress=True,
   out.update(kind=ds.kind, num_items=int(len(kept)), num_captions=len(texts),
              num_skipped=len(skipped), skipped=skipped)
   return out
+
+
+def evaluate_set(enc, ds, batch_size, workers=0, progress=True,
+                 max_skipped_fraction=MAX_SKIPPED_FRACTION, tie_rule="official", media=None):
+  """Metrics of one dataset of `read_files`, retrieval or MCQ by its kind."""
+  if isinstance(ds, negbench.RetrievalSet):
+    return evaluate_retrieval(enc, ds, batch_size, workers, progress, max_skipped_fraction,
+                              tie_rule, media)
+  return evaluate_mcq(enc, ds, batch_size, workers, progress, max_skipped_fraction, media)
 
 
 def _locate(name, data_root):
@@ -276,11 +323,7 @@ def evaluate_sets(model, sets, batch_size=64, workers=0, progress=True, tie_rule
         results[key] = out.metrics(path)
         print(f"{key}: already in {out.path} (same checkpoint and settings), not evaluated")
       continue
-    if isinstance(ds, negbench.RetrievalSet):
-      m = evaluate_retrieval(enc, ds, batch_size, workers, progress, max_skipped_fraction,
-                             tie_rule)
-    else:
-      m = evaluate_mcq(enc, ds, batch_size, workers, progress, max_skipped_fraction)
+    m = evaluate_set(enc, ds, batch_size, workers, progress, max_skipped_fraction, tie_rule)
     if baseline != "plain":  # how many texts the template grammar split; the rest: plain
       m.update(baseline=baseline, decomposed_texts=enc.take_count())  # alpha: provenance
     results[key] = m
@@ -475,7 +518,10 @@ class Workdir:
 
 def check_config(c):
   """Config values that would fail late, or silently mean something else."""
-  if not c.checkpoint:
+  if c.checkpoint and c.get("checkpoints"):
+    raise cli.UserError("set --config.checkpoint (one model) or --config.checkpoints (a "
+                        "leaderboard), not both")
+  if not c.checkpoint and not c.get("checkpoints"):
     raise cli.UserError("set --config.checkpoint (a weights file, folder or openai:ARCH)")
   if not c.workdir:
     raise cli.UserError("set --config.workdir (where results are written)")
@@ -505,20 +551,32 @@ def _baseline(c):
   return {} if baseline == "plain" else {"baseline": baseline, "alpha": float(c.alpha)}
 
 
+def run_provenance(c, checkpoint, arch, model):
+  """What results.json records of a run of `model` (loaded from `checkpoint`, `arch` as
+  the user gave it) under config `c`; a rerun reuses results only where it matches."""
+  from negjax.models import clip, weights
+  data_root = c.data_root or None
+  arch = arch or clip.architecture_name(model.config) or model.config.architecture
+  return provenance.record(  # openai:NAME: its cached file, hashed
+      checkpoint=weights.resolve(checkpoint), architecture=arch, dtype=c.dtype,
+      settings={"tie_rule": c.tie_rule, "data_root": data_root and os.path.abspath(data_root),
+                **_baseline(c)})
+
+
 def run(c):
   """The command, in the order that loses nothing: config, every CSV, the workdir, the
-  checkpoint, then one file at a time, each written when done."""
-  from negjax.models import clip, weights
+  checkpoint, then one file at a time, each written when done. With `checkpoints`: the
+  leaderboard of several models (negjax.leaderboard)."""
+  from negjax.models import weights
   check_config(c)
+  if c.get("checkpoints"):
+    from negjax import leaderboard
+    return leaderboard.run(c)
   data_root = c.data_root or None
   sets = read_files(c.files, data_root, c.max_skipped_fraction)
   out = _on_process_0(lambda: Workdir(c.workdir))
   model = weights.load_model(c.checkpoint, arch=c.arch or None, dtype=jnp.dtype(c.dtype))
-  arch = c.arch or clip.architecture_name(model.config) or model.config.architecture
-  _on_process_0(lambda: out.start(provenance.record(  # openai:NAME: its cached file, hashed
-      checkpoint=weights.resolve(c.checkpoint), architecture=arch, dtype=c.dtype,
-      settings={"tie_rule": c.tie_rule, "data_root": data_root and os.path.abspath(data_root),
-                **_baseline(c)})))
+  _on_process_0(lambda: out.start(run_provenance(c, c.checkpoint, c.arch, model)))
   results = evaluate_sets(model, sets, c.batch_size, c.workers, True, c.tie_rule,
                           c.max_skipped_fraction, out, **_baseline(c))
   if out is not None:
