@@ -9,8 +9,10 @@ into an existing index re-encodes only new or changed files: a file whose size a
 are unchanged is kept; one whose size or mtime changed is kept if its SHA-256 is the same;
 files gone from the folder are dropped. The index is replaced in one rename.
 """
+import concurrent.futures
 import dataclasses
 import datetime
+import hashlib
 import io
 import json
 import os
@@ -75,6 +77,16 @@ class Index:
           "give the index's checkpoint")
 
 
+def content_hash(path):
+  """SHA-256 of a file's bytes (not through provenance's small cache: an index hashes many
+  files, which would push the checkpoint's hash out of it)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
 def load(path):
   """Reads an index written by `Index.save`; errors name the file."""
   if not os.path.exists(path):
@@ -105,7 +117,7 @@ def scan(folder):
         continue
       full = os.path.join(parent, name)
       rel = os.path.relpath(full, folder)
-      if os.path.commonpath([root, os.path.realpath(full)]) != root:
+      if os.path.islink(full) and os.path.commonpath([root, os.path.realpath(full)]) != root:
         outside.append({"path": rel, "error": "a link to a file outside the folder"})
       else:
         found.append(rel)
@@ -142,12 +154,13 @@ def build(images, checkpoint, out, batch_size=64, workers=0, arch=None, model=No
       kept.append(before)
       kept_rows.append(row)
       continue
-    entry["sha256"] = provenance.sha256(full)
-    if before and before["sha256"] == entry["sha256"]:  # touched, same content
-      kept.append(entry)
-      kept_rows.append(row)
-    else:
-      todo.append(entry)
+    if before:
+      entry["sha256"] = content_hash(full)
+      if entry["sha256"] == before["sha256"]:  # touched, same content
+        kept.append(entry)
+        kept_rows.append(row)
+        continue
+    todo.append(entry)
   dropped = len(set(previous) - set(found))
 
   if model is None and todo:
@@ -161,9 +174,14 @@ def build(images, checkpoint, out, batch_size=64, workers=0, arch=None, model=No
   features = old.features[kept_rows] if old else np.zeros((0, 0), np.float32)
   new = []
   if todo:
-    feats, ok, bad = evaluate.encode_media(
-        encoders, [os.path.join(folder, e["path"]) for e in todo], batch_size, 1, workers,
-        desc="indexing" if progress else None)
+    unhashed = [e for e in todo if "sha256" not in e]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # hashing overlaps encoding
+      hashes = pool.map(content_hash, [os.path.join(folder, e["path"]) for e in unhashed])
+      feats, ok, bad = evaluate.encode_media(
+          encoders, [os.path.join(folder, e["path"]) for e in todo], batch_size, 1, workers,
+          desc="indexing" if progress else None)
+      for e, digest in zip(unhashed, hashes):
+        e["sha256"] = digest
     feats = feats / np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
     if not np.isfinite(feats[ok]).all():
       raise cli.UserError(f"{checkpoint}: the model gave non-finite (NaN/Inf) features")
