@@ -86,8 +86,22 @@ class SigLIPConfig:
                        remat=self.remat, eps=self.eps)
 
 
-# Small enough for CPU tests (and the benchmark at reduced depth).
+def _siglip(image_size, patch, width, layers, heads, mlp, vocab=32000):
+  """Both towers alike, as in the released SigLIP / SigLIP 2 (fixed resolution) models."""
+  return SigLIPConfig(image_size=image_size, patch_size=patch, vision_width=width,
+                      vision_layers=layers, vision_heads=heads, vision_mlp=mlp,
+                      text_width=width, text_layers=layers, text_heads=heads, text_mlp=mlp,
+                      embed_dim=width, vocab_size=vocab)
+
+
+# Released shapes (google/NAME on the Hugging Face hub; SigLIP 2's vocabulary is Gemma's 256k,
+# big_vision README_siglip2.md), for benchmarks; loading reads the shapes from the file
+# itself. "siglip-tiny" is for CPU tests.
 ARCHITECTURES = {
+    "siglip-base-patch16-224": _siglip(224, 16, 768, 12, 12, 3072),
+    "siglip-so400m-patch14-384": _siglip(384, 14, 1152, 27, 16, 4304),
+    "siglip2-base-patch16-224": _siglip(224, 16, 768, 12, 12, 3072, vocab=256000),
+
     "siglip-tiny": SigLIPConfig(image_size=32, patch_size=8, vision_width=64, vision_layers=2,
                                 vision_heads=2, vision_mlp=128, text_width=64, text_layers=2,
                                 text_heads=2, text_mlp=128, embed_dim=64, context_length=16,
@@ -139,8 +153,11 @@ class VisionTower(nnx.Module):
     self.head = MAPHead(c, rngs)
 
   def __call__(self, images):
-    b, h, w_img, ch = images.shape
     p = self.patch_size
+    b, h, w_img, ch = images.shape
+    # a VALID conv drops the pixels past the last whole patch (So400m/14 at 384 px: 27 x 27)
+    h, w_img = h // p * p, w_img // p * p
+    images = images[:, :h, :w_img]
     patches = images.reshape(b, h // p, p, w_img // p, p, ch).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, (h // p) * (w_img // p), p * p * ch).astype(self.dtype)
     x = self.patch_embed(patches) + self.positional_embedding[...].astype(self.dtype)
@@ -729,3 +746,17 @@ def from_big_vision(params: dict, source: str) -> dict:
     raise SigLIPError(f"{source}: big_vision parameters not part of a SigLIP with a MAP head "
                       f"and no image head: {extra[:8]}{' …' if len(extra) > 8 else ''}")
   return sd
+
+
+def hf_config_dict(c: SigLIPConfig) -> dict:
+  """The transformers SiglipConfig (as keyword arguments) of an architecture: for
+  reference models in tests and benchmarks."""
+  return dict(
+      text_config=dict(hidden_size=c.text_width, intermediate_size=c.text_mlp,
+                       num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads,
+                       vocab_size=c.vocab_size, max_position_embeddings=c.context_length,
+                       projection_size=c.embed_dim, layer_norm_eps=c.eps),
+      vision_config=dict(hidden_size=c.vision_width, intermediate_size=c.vision_mlp,
+                         num_hidden_layers=c.vision_layers, num_attention_heads=c.vision_heads,
+                         image_size=c.image_size, patch_size=c.patch_size,
+                         layer_norm_eps=c.eps))
