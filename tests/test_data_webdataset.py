@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import sys
 import tarfile
 
 import numpy as np
@@ -17,7 +18,7 @@ def add(tar, name, data):
   tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(folder, num_shards, per_shard, broken=()):
+def write_shards(folder, num_shards, per_shard, broken=(), size=40):
   """img2dataset layout: NNNNN.tar with KEY.jpg/.txt/.json; `broken` keys lack a member."""
   os.makedirs(folder, exist_ok=True)
   for s in range(num_shards):
@@ -26,7 +27,7 @@ def write_shards(folder, num_shards, per_shard, broken=()):
         i = s * per_shard + j
         key = f"{s:05d}{j:04d}"
         if key + ".jpg" not in broken:
-          add(tar, key + ".jpg", jpeg_bytes(i))
+          add(tar, key + ".jpg", jpeg_bytes(i, size))
         if key + ".txt" not in broken:
           add(tar, key + ".txt", f"a photo number {i}".encode())
         add(tar, key + ".json", json.dumps({"key": key, "status": "success"}).encode())
@@ -87,3 +88,23 @@ def test_training_iterator_disjoint_complete_and_resume(tmp_path, monkeypatch):
   for a, b in zip(expected, take(fresh, 3)):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["caption_ids"], b["caption_ids"])
+
+
+def test_reads_are_safe_across_threads(tmp_path, monkeypatch):
+  """Grain's prefetch threads share one source: positional reads, no shared file offset."""
+  from concurrent.futures import ThreadPoolExecutor
+  monkeypatch.setenv("NEGJAX_CACHE", str(tmp_path / "cache"))
+  index = webdataset.index(write_shards(tmp_path / "wds", 1, 6, size=600))  # ~60 kB reads
+  source = webdataset.Source(index, 16)
+  expected = [webdataset.read_sample(s)[0] for s in index.samples]
+  files = source._files
+  order = [i % len(index.samples) for i in range(6 * 50)]
+  interval = sys.getswitchinterval()
+  sys.setswitchinterval(1e-6)  # switch threads often: between a seek and its read
+  try:
+    with ThreadPoolExecutor(8) as pool:
+      got = list(pool.map(lambda i: webdataset.read_sample(index.samples[i], files)[0],
+                          order))
+  finally:
+    sys.setswitchinterval(interval)
+  assert got == [expected[i] for i in order]

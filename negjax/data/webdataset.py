@@ -139,19 +139,22 @@ def index(pattern_or_paths):
 
 
 class _Files:
-  """Open shard files, one handle per shard per process (forked workers reopen theirs)."""
+  """Open shard files, one descriptor per shard per process (forked workers reopen
+  theirs). Reads are positional (`os.pread`): Grain's prefetch threads share them safely."""
 
   def __init__(self):
-    self.pid, self.handles = os.getpid(), {}
+    self.pid, self.fds = os.getpid(), {}
 
   def read(self, path, span):
     if self.pid != os.getpid():
-      self.pid, self.handles = os.getpid(), {}
-    f = self.handles.get(path)
-    if f is None:
-      f = self.handles[path] = open(path, "rb")
-    f.seek(span[0])
-    return f.read(span[1])
+      self.pid, self.fds = os.getpid(), {}
+    fd = self.fds.get(path)
+    if fd is None:
+      fd = self.fds.setdefault(path, os.open(path, os.O_RDONLY))
+    data = os.pread(fd, span[1], span[0])
+    if len(data) != span[1]:
+      raise OSError(f"{path}: shard shorter than its index (changed since indexed?)")
+    return data
 
   def __getstate__(self):
     return {}
