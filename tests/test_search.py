@@ -313,3 +313,26 @@ def test_server_serves_indexed_files_only(searcher, folder, tmp_path):
   finally:
     httpd.shutdown()
     httpd.server_close()
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+def test_demo_compares_two_models_on_known_images(folder, other_checkpoint, tmp_path,
+                                                  shapes_model):
+  from negjax.search import demo
+  truth = {name: set(objects) for name, objects in search_helpers.SCENES.items()}
+  lines = []
+  text, precision = demo.compare(truth, folder, {"initial": "shapes", "half": other_checkpoint},
+                                 str(tmp_path), top=2, batch_size=8, log=lines.append)
+  queries = [q for q in demo.candidate_queries()
+             if sum(q[1] in p and q[2] not in p for p in truth.values()) >= 2]
+  assert text in [q[0] for q in queries] and len(precision["initial"]) == len(queries)
+  # precision@2 of one query, from the searcher's own ranking and the known objects
+  s = query_lib.Searcher(str(tmp_path / "initial.npz"), encoders=shapes_model[1])
+  i = [q[0] for q in queries].index("a red circle but no green star")
+  got = [p for p, _ in s.search("a red circle but no green star", 2)]
+  assert precision["initial"][i] == np.mean(
+      ["red circle" in truth[p] and "green star" not in truth[p] for p in got])
+  assert any(f'"{text}"' in line for line in lines)
+  assert sum(line.strip().startswith(("1. ", "2. ")) for line in lines) == 4  # 2 x top 2

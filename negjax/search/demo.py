@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from negjax import evaluate
 from negjax.data import captions, make, shapes
+from negjax.models import weights
 from negjax.search import index as index_lib
 from negjax.search import query as query_lib
 
@@ -52,8 +54,14 @@ def compare(truth, folder, checkpoints, out_dir, top=5, batch_size=64, log=print
   searchers = {}
   for label, checkpoint in checkpoints.items():
     out = os.path.join(out_dir, f"{label}.npz")
-    index_lib.build(folder, checkpoint, out, batch_size, progress=False, log=log)
-    searchers[label] = query_lib.Searcher(out)
+    if os.path.exists(out) and (index_lib.load(out).checkpoint["sha256"] !=
+                                index_lib.checkpoint_record(checkpoint)["sha256"]):
+      os.remove(out)  # the demo's own index of an earlier run's model: made anew
+    model = weights.load_model(index_lib.checkpoint_path(checkpoint))
+    enc = evaluate.Encoders(model)  # compiled once, for the index and the queries
+    index_lib.build(folder, checkpoint, out, batch_size, 0, None, model, enc, progress=False,
+                    log=log)
+    searchers[label] = query_lib.Searcher(out, encoders=enc)
   queries = [q for q in candidate_queries()
              if sum(q[1] in p and q[2] not in p for p in truth.values()) >= top]
   texts = [q[0] for q in queries]
