@@ -256,6 +256,8 @@ def train(config):
     b, a = summary(before), summary(after)
     print("curves and metrics:", train_log.plot_run(workdir, b, a, sorted(set(b) | set(a))))
     print("fine-tuned model:", export)
+    from negjax.search import demo  # shapes demo: both models' top 5 for a negated query
+    demo.after_training(config, data, initial_checkpoint(config.model), export, workdir)
 
 
 def data_records(eval_config, data) -> list:
