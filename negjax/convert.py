@@ -58,7 +58,7 @@ def main(argv=None):
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   logging.getLogger("negjax").setLevel(logging.INFO)
   if args.arch is not None and args.arch not in clip.ARCHITECTURES:
-    cli.fail(f"--arch {args.arch}: unknown; known: {', '.join(sorted(clip.ARCHITECTURES))}")
+    cli.fail(f"--arch {args.arch}: unknown{clip.near_names(args.arch)}")
   try:
     fmt = out_format(args.out)
     model = weights.load_model(args.src, arch=args.arch, heads=args.heads,

@@ -125,18 +125,18 @@ ARCHITECTURES.update(
     {f"{k}-quickgelu": v.replace(quick_gelu=True) for k, v in _BASE.items()})
 
 
-def unknown_architecture(arch: str) -> str:
-  """The message for a name that is not registered: the near names first."""
+def near_names(arch: str) -> str:
+  """What to tell about a name that is not registered: the near names first, e.g.
+  "; did you mean ViT-H-14? (known: ...)"."""
   near = difflib.get_close_matches(arch, ARCHITECTURES, n=4, cutoff=0.6)
   hint = f"; did you mean {' or '.join(near)}?" if near else ""
-  return (f"Unknown architecture {arch!r}{hint} (known: "
-          f"{', '.join(n for n in ARCHITECTURES if not n.endswith('-quickgelu'))}, "
-          f"each also NAME-quickgelu)")
+  return (f"{hint} (known: {', '.join(n for n in ARCHITECTURES if not n.endswith('-quickgelu'))}"
+          f", each also NAME-quickgelu)")
 
 
 def get_config(arch: str, **overrides) -> CLIPConfig:
   if arch not in ARCHITECTURES:
-    raise ValueError(unknown_architecture(arch))
+    raise ValueError(f"Unknown architecture {arch!r}{near_names(arch)}")
   return ARCHITECTURES[arch].replace(**overrides)
 
 

@@ -468,6 +468,13 @@ def resolve(name: str) -> str:
   return name
 
 
+def is_name(name: str) -> bool:
+  """Whether `name` is one of `resolve`'s names (an existing path never is)."""
+  name = str(name)
+  return not os.path.exists(name) and (
+      name.startswith(("openai:", "hf:")) or _OPEN_CLIP_NAME.fullmatch(name) is not None)
+
+
 def _resolve_openai(name, arch):
   if arch not in OPENAI_URLS:
     raise CheckpointError(f"{name}: unknown OpenAI model; known: "
@@ -504,6 +511,7 @@ OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 # Pretrained tags trained with QuickGELU (open_clip 3.3.0 open_clip/pretrained.py: the tags
 # of the registered architectures whose config says quick_gelu=True): loading them as GELU
 # gives plausible but wrong features, so `ARCH:TAG` without -quickgelu is refused.
+_OPEN_CLIP_NAME = re.compile(r"([A-Za-z][\w.-]*):([A-Za-z0-9][\w.-]*)")  # ARCH:PRETRAINED
 QUICKGELU_TAGS = {"openai", "metaclip_400m", "metaclip_fullcc", "dfn2b", "dfn5b",
                   "ViT-B-32:laion400m_e31", "ViT-B-32:laion400m_e32"}
 
@@ -511,12 +519,12 @@ QUICKGELU_TAGS = {"openai", "metaclip_400m", "metaclip_fullcc", "dfn2b", "dfn5b"
 def open_clip_name(name: str) -> tuple[str, str] | None:
   """(ARCH, PRETRAINED) when `name` is open_clip's `ARCH:PRETRAINED` form and no such file
   exists; an ARCH negjax does not register is an error listing the near names."""
-  m = re.fullmatch(r"([A-Za-z][\w.-]*):([A-Za-z0-9][\w.-]*)", str(name))
+  m = _OPEN_CLIP_NAME.fullmatch(str(name))
   if not m or os.path.exists(name) or m.group(1) in ("openai", "hf"):
     return None
   arch, tag = m.groups()
   if arch not in clip.ARCHITECTURES:
-    raise CheckpointError(f"{name}: {clip.unknown_architecture(arch)}")
+    raise CheckpointError(f"{name}: Unknown architecture {arch!r}{clip.near_names(arch)}")
   return arch, tag
 
 
