@@ -14,6 +14,22 @@ same command after an interruption and the files already done are not evaluated 
 For OpenAI ViT-B/32 expect COCO MCQ total accuracy 0.393 (positive 0.691, negative 0.068,
 hybrid 0.393) and VOC2007 0.387. On this 2-core CPU a ViT-B/32 encodes about 10 images/s,
 so the 5k-image COCO files take minutes each.
+
+Leaderboard (several models, same files):
+
+  python -m negjax.evaluate --config configs/negbench.py --config.data_root=/data/negbench \
+      --config.checkpoints=openai:ViT-B-32,shapes,/runs/negclip/model.safetensors=ViT-B-32 \
+      --config.workdir=/runs/leaderboard
+
+Each entry is NAME[=ARCH]. Writes WORKDIR/leaderboard.csv and .md (a row per model, the
+official metric names as columns, an `error` column: a model that cannot be loaded or
+evaluated is reported there, the others still run), leaderboard_mcq.png (MCQ accuracy per
+template type: Affirmation / Negation / Hybrid) and leaderboard_retrieval.png (Recall@5 on
+original vs negated queries); each model's own results.json/csv in WORKDIR/models/NAME-HASH/.
+Adding a model to the list and rerunning evaluates only that model. Models of one image size
+share each file's image decoding. The packaged `shapes` model on the shapes eval files
+scores near 1.0 Recall@5 on affirmative queries, lower on negated ones, and below chance on
+negated MCQ questions.
 """
 import ml_collections
 
