@@ -5,8 +5,9 @@
 
 For each (architecture, target, remat, mesh) it looks for the largest global batch in
 1k..32k that fits, by bisection (a batch that fits means every smaller one does), each
-point one `python -m negjax.compile` in its own process (`configs/negclip.py:paper`, bf16,
-77-token texts, caption + 4 MCQ options, scanned layers so compile time does not grow with
+point one `python -m negjax.compile` in its own process (`configs/negclip.py:paper` on
+NegFull records: bf16, 77-token texts, each image with its caption and a 4-option MCQ,
+scanned layers so compile time does not grow with
 depth, the evaluator not compiled). Results are appended to --out as JSON lines as they
 come, so an interrupted run keeps what it measured and a rerun skips it. GPU targets need
 the CUDA plugin and a target spec (`negjax.compile --gpu`); without them they are listed
@@ -42,7 +43,8 @@ def compile_point(arch, target, remat, mesh, batch, timeout, gpu_spec=None):
            f"--config.model.arch={arch}", "--config.model.dtype=bfloat16",
            "--config.model.scan_layers=True", f"--config.model.remat={remat}",
            f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}",
-           f"--config.batch_size={batch}", "--noeval", "--json", out]
+           f"--config.batch_size={batch}", "--config.data.source=records", "--noeval",
+           "--json", out]
     env = dict(os.environ)
     if topology.startswith("gpu:"):
       _, chip, gpus = topology.split(":")

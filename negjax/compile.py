@@ -137,14 +137,22 @@ def abstract_model(config):
   return nnx.eval_shape(lambda: clip.CLIP(cfg, nnx.Rngs(0)))
 
 
+def two_streams(config) -> bool:
+  """Caption rows and MCQ rows of other images (data.source other than "records", as the
+  official NegFull training reads its CSVs): a step then sees 2 x batch_size images."""
+  return config.data.get("source", "records") != "records" and config.loss.mcq_weight > 0
+
+
 def abstract_batch(config, image_size):
   """One global batch as train_input makes it, texts at the full configured length."""
   b, n = config.batch_size, config.data.text_length
   sds = jax.ShapeDtypeStruct
-  return {"image": sds((b, image_size, image_size, 3), jnp.uint8),
-          "caption_ids": sds((b, n), jnp.int32),
-          "mcq_ids": sds((b, MCQ_OPTIONS, n), jnp.int32),
-          "mcq_answer": sds((b,), jnp.int32)}
+  image = sds((b, image_size, image_size, 3), jnp.uint8)
+  batch = {"image": image, "caption_ids": sds((b, n), jnp.int32),
+           "mcq_ids": sds((b, MCQ_OPTIONS, n), jnp.int32), "mcq_answer": sds((b,), jnp.int32)}
+  if two_streams(config):
+    batch["mcq_image"] = image
+  return batch
 
 
 def memory(compiled) -> dict:
@@ -184,16 +192,22 @@ def compile_step(config, devices, chip: str, topology: str, mfu: float = 0.4) ->
   state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
            "opt_state": jax.eval_shape(tx.init, params)}
   batch = abstract_batch(config, model.config.image_size)
-  step = train_step.make_train_step(graphdef, tx, schedule, config.loss, mesh, shardings)
+  extra = {"initial": params} if config.loss.get("l2_init") else {}  # retention's anchor
+  step = train_step.make_train_step(graphdef, tx, schedule, config.loss, mesh, shardings,
+                                    **extra)
   n = len(devices)
   lengths = [config.data.text_length] * (1 + (MCQ_OPTIONS if config.loss.mcq_weight else 0))
-  analytic = flops.train_flops_per_image(model.config, lengths) * config.batch_size
+  per_image = flops.train_flops_per_image(model.config, lengths)
+  if two_streams(config):
+    per_image += 3 * flops.image_forward_flops(model.config)
+  analytic = per_image * config.batch_size
   spec = CHIPS[chip]
   out = {"topology": topology, "chip": chip, "devices": n, "mesh": dict(mesh.shape),
          "arch": architecture(config.model), "batch_size": config.batch_size,
          "per_device_batch": config.batch_size / sharding.batch_shards(mesh),
          "dtype": config.model.dtype, "remat": config.model.remat,
          "scan_layers": config.model.scan_layers, "text_length": config.data.text_length,
+         "images_per_step": config.batch_size * (2 if two_streams(config) else 1),
          "hbm_bytes": spec["hbm_bytes"], "flops_per_step": analytic,
          "flops_source": "negjax.flops (matmuls; global)", "mfu": mfu,
          "step_time_at_peak_s": analytic / (n * spec["peak_flops"]),
@@ -230,9 +244,11 @@ def compile_encoders(config, devices) -> dict:
   images = place(jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32))
   ids = place(jax.ShapeDtypeStruct((b, model.config.context_length), jnp.int32))
   out = {}
+  one_device = sharding.make_mesh(1, 1, devices[:1])  # traced for the target's platform
   for name, fn, x in (("image", enc._image, images), ("text", enc._text, ids)):
     try:
-      out[name] = memory(fn.lower(state, x).compile())
+      with jax.set_mesh(one_device):
+        out[name] = memory(fn.lower(state, x).compile())
     except Exception as e:  # noqa: BLE001
       oom = _out_of_memory(e)
       if oom is None:
