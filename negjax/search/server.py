@@ -121,6 +121,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
       if route.startswith("/static/") and route[len("/static/"):] in STATIC:
         name = route[len("/static/"):]
         return self.send(200, _static(name), STATIC[name])
+      if route == "/favicon.ico":
+        return self.send(204, b"", "image/x-icon")
       if route == "/api/config":
         return self.send(200, self.app.config())
       if route == "/api/search":
