@@ -256,3 +256,27 @@ def test_evaluator_uses_the_models_tokenizer_and_preprocessing(hf_folder, tmp_pa
   assert ok.all() and not skipped
   want = model.encode_image(np.stack([siglip.preprocess(Image.open(p), 32) for p in paths]))
   np.testing.assert_allclose(image, np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", ["GemmaTokenizer", "Siglip2Tokenizer"])
+def test_tokenizer_json_matches_transformers(transformers, tmp_path, cls):
+  """SigLIP 2's tokenizer file kind: a Gemma-style BPE (byte fallback, "▁" for spaces)
+  trained here, saved by transformers' class, read back by both sides."""
+  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+  rng = random.Random(2)
+  bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+  bpe.normalizer = normalizers.Replace(" ", "▁")
+  bpe.pre_tokenizer = pre_tokenizers.Split(pattern="▁", behavior="merged_with_next")
+  bpe.train_from_iterator(
+      [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(500)],
+      trainers.BpeTrainer(vocab_size=300,
+                          special_tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]))
+  merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+            for m in json.loads(bpe.to_str())["model"]["merges"]]
+  getattr(transformers, cls)(vocab=bpe.get_vocab(), merges=merges).save_pretrained(tmp_path)
+  hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  texts = ["", "  two  spaces ", "Café 東京 🙂", "A photo of a DOG, not a cat!"] + [
+      " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))) for _ in range(200)]
+  ours = siglip.get_tokenizer(str(tmp_path / "tokenizer.json"), LENGTH)(texts)
+  ref = hf(texts, padding="max_length", max_length=LENGTH, truncation=True)["input_ids"]
+  assert [list(map(int, row)) for row in ours] == ref

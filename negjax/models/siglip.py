@@ -332,7 +332,10 @@ class SentencePieceTokenizer:
 class HFTokenizer:
   """A `tokenizer.json` (e.g. SigLIP 2's Gemma tokenizer) via the `tokenizers` package, with
   transformers' max-length padding and truncation; its post-processor adds BOS/EOS as the
-  file says. Siglip2Tokenizer folders also lower-case, as transformers does for them."""
+  file says. The padding side is tokenizer_config.json's, else transformers' class default
+  (Gemma and Siglip2 tokenizers pad on the left: the last position, which the text tower
+  reads, is then the text's own last token). Siglip2Tokenizer folders also lower-case, as
+  transformers does for them."""
 
   def __init__(self, path, length, settings):
     from tokenizers import Tokenizer, normalizers
@@ -346,7 +349,7 @@ class HFTokenizer:
     if pad_id is None:
       raise SigLIPError(f"{path}: has no pad token {pad!r}")
     side = settings.get("padding_side",
-                        "left" if settings.get("tokenizer_class") == "Siglip2Tokenizer" else "right")
+                        _LEFT_PADDED.get(settings.get("tokenizer_class"), "right"))
     self.tok.no_padding()
     self.tok.enable_truncation(length)
     self.tok.enable_padding(direction=side, pad_id=pad_id, pad_token=pad, length=length)
@@ -354,6 +357,12 @@ class HFTokenizer:
   def __call__(self, texts):
     texts = [texts] if isinstance(texts, str) else list(texts)
     return np.asarray([e.ids for e in self.tok.encode_batch(texts)], np.int32)
+
+
+# transformers 5's tokenizer classes that pad on the left unless tokenizer_config.json says
+# otherwise (their class attribute padding_side).
+_LEFT_PADDED = {"GemmaTokenizer": "left", "GemmaTokenizerFast": "left",
+                "Siglip2Tokenizer": "left"}
 
 
 def _token_text(token):
