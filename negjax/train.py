@@ -70,7 +70,12 @@ def load_initial_model(model_config):
   path = initial_checkpoint(model_config)
   if path is None:
     return clip.CLIP(clip.get_config(model_config.arch, **options), nnx.Rngs(0))
-  return weights.load_model(path, arch=model_config.arch, **options)
+  model = weights.load_model(path, arch=model_config.arch, **options)
+  if hasattr(model, "tokenize"):  # its own tokenizer and preprocessing (SigLIP)
+    raise cli.UserError(f"{path}: fine-tuning {type(model).__name__} models is not supported "
+                        "yet: the training input uses CLIP's tokenizer and image "
+                        "normalisation (evaluate it with negjax.evaluate)")
+  return model
 
 
 def build_data_once(config):
