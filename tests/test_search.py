@@ -318,13 +318,13 @@ def test_server_serves_indexed_files_only(searcher, folder, tmp_path):
 # ---------------------------------------------------------------------------- demo
 
 
-def test_demo_compares_two_models_on_known_images(folder, other_checkpoint, tmp_path,
-                                                  shapes_model):
+def test_demo_compares_two_models_on_known_images(folder, tmp_path, shapes_model):
   from negjax.search import demo
   truth = {name: set(objects) for name, objects in search_helpers.SCENES.items()}
   lines = []
-  text, precision = demo.compare(truth, folder, {"initial": "shapes", "half": other_checkpoint},
+  text, precision = demo.compare(truth, folder, {"initial": "shapes", "again": "shapes"},
                                  str(tmp_path), top=2, batch_size=8, log=lines.append)
+  np.testing.assert_array_equal(precision["initial"], precision["again"])
   queries = [q for q in demo.candidate_queries()
              if sum(q[1] in p and q[2] not in p for p in truth.values()) >= 2]
   assert text in [q[0] for q in queries] and len(precision["initial"]) == len(queries)

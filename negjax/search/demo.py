@@ -51,14 +51,16 @@ def compare(truth, folder, checkpoints, out_dir, top=5, batch_size=64, log=print
   every candidate query of both, prints the summary and the example; returns
   (example text, {label: precision@top per query})."""
   labels = list(checkpoints)
-  searchers = {}
+  searchers, loaded = {}, {}
   for label, checkpoint in checkpoints.items():
     out = os.path.join(out_dir, f"{label}.npz")
-    if os.path.exists(out) and (index_lib.load(out).checkpoint["sha256"] !=
-                                index_lib.checkpoint_record(checkpoint)["sha256"]):
+    digest = index_lib.checkpoint_record(checkpoint)["sha256"]
+    if os.path.exists(out) and index_lib.load(out).checkpoint["sha256"] != digest:
       os.remove(out)  # the demo's own index of an earlier run's model: made anew
-    model = weights.load_model(index_lib.checkpoint_path(checkpoint))
-    enc = evaluate.Encoders(model)  # compiled once, for the index and the queries
+    if digest not in loaded:  # each model loaded and compiled once, for index and queries
+      model = weights.load_model(index_lib.checkpoint_path(checkpoint))
+      loaded[digest] = model, evaluate.Encoders(model)
+    model, enc = loaded[digest]
     index_lib.build(folder, checkpoint, out, batch_size, 0, None, model, enc, progress=False,
                     log=log)
     searchers[label] = query_lib.Searcher(out, encoders=enc)

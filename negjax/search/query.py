@@ -64,7 +64,8 @@ class Searcher:
 
   def query_vectors(self, texts, baseline="plain", alpha=baselines.DEFAULT_ALPHA):
     from negjax import evaluate
-    return baselines.query_vectors(lambda t: evaluate.encode_texts(self.enc, t, 8), texts,
+    batch = 8 if len(texts) <= 8 else 64  # one query, or many (the demo asks thousands)
+    return baselines.query_vectors(lambda t: evaluate.encode_texts(self.enc, t, batch), texts,
                                    baseline, alpha)
 
   def search(self, text, top=20, baseline="plain", alpha=baselines.DEFAULT_ALPHA, notes=None):
@@ -72,7 +73,8 @@ class Searcher:
     know (a query cut to the context, a query the baseline could not decompose)."""
     if not text.strip():
       raise cli.UserError("the query is empty")
-    note = too_long_note(text, self.enc.context_length)
+    note = (None if getattr(self.enc, "tokenize", None)  # a model with its own tokenizer
+            else too_long_note(text, self.enc.context_length))
     q, decomposed = self.query_vectors([text], baseline, alpha)
     if notes is not None:
       if note:
