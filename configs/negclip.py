@@ -16,12 +16,25 @@ accuracy 0.03 -> 0.47, affirmation 0.49 -> 0.59, hybrid 0.23 -> 0.47, negated-re
 Recall@5 0.11 -> 0.29; plain retrieval Recall@5 drops 0.86 -> 0.72 (the small model trades
 some of it for negation).
 
-The paper's released recipe (ViT-B/32 from OpenAI weights, lr 1e-8, contrastive weight 0.99,
-MCQ weight 0.01) on your own NegFull shards and NegBench files:
+The `paper` preset reproduces the official NegFull fine-tuning recipe on the released
+CC12M-NegCap / CC12M-NegMCQ CSVs as they are (negjax.data.official): ViT-B/32 from OpenAI
+weights, lr 1e-8; two independently shuffled streams per step, 256 (image, caption) rows
+and 256 MCQ rows of other images (512 images a step); contrastive loss on L2-normalised
+features, MCQ loss on *unnormalised* image/option features times the logit scale
+(loss.mcq_normalize=False, as the official training code; its evaluation normalises);
+weights 0.99 / 0.01; logit scale clamped to [0, ln 100] after every step; no WiSE mix:
 
   python -m negjax.train --config configs/negclip.py:paper \
-      --config.data.dir=/data/negfull --config.eval.data_root=/data/negbench \
-      --config.workdir=/runs/negclip-vitb32
+      --config.data.caption_csv=/data/cc12m_negcap.csv \
+      --config.data.mcq_csv=/data/cc12m_negmcq.csv \
+      --config.eval.data_root=/data/negbench --config.workdir=/runs/negclip-vitb32
+
+(The caption CSV: TAB-separated, columns `filepath` / `caption` as the official scripts
+pass them; `--config.data.separator` / `image_column` / `caption_column` change that.
+`--config.data.source=converted --config.data.dir=OUT` trains on the same data after
+`negjax.data.convert`, whose small JPEGs decode faster.) negjax's own defaults (the shapes
+preset: one image per row with its caption and an MCQ drawn afresh, MCQ scored like the
+evaluator) stay where they do better on the demo.
 
 Anything else is a `--config.x=y` override (mesh, batch size, steps, dtype ...).
 """
@@ -56,11 +69,23 @@ def get_config(preset: str = "shapes"):
   c.data.fresh_mcq = True  # draw a new MCQ from the record's objects at every visit
   c.data.mcq_answer_weights = (1.0, 3.0, 1.0)  # true option's type: positive, negative, hybrid
   c.data.workers = 0  # Grain worker processes (0: in the main process)
+  # Where training examples come from (negjax.data.train_input): "records" (data.dir or
+  # the shapes world: one image per row, caption + MCQ), or two streams of other images per
+  # step: "official_csv" (caption_csv and/or mcq_csv), "webdataset" (shards: a brace
+  # pattern, e.g. DIR/{00000..00009}.tar, + optional mcq_csv), "converted" (data.dir =
+  # negjax.data.convert's OUT).
+  c.data.source = "records"
+  c.data.caption_csv = ""  # (image, caption) per row; TAB-separated by default
+  c.data.mcq_csv = ""  # image_path, caption_0..caption_3, correct_answer; comma-separated
+  c.data.image_column, c.data.caption_column, c.data.separator = "filepath", "title", "\t"
+  c.data.image_root = placeholder(str)  # relative image paths: None = each CSV's folder
+  c.data.shards = ""  # webdataset tars
 
   c.loss = ml_collections.ConfigDict()
   c.loss.kind = "softmax"  # image-text loss: softmax (CLIP's contrastive) or sigmoid (SigLIP's)
   c.loss.contrastive_weight = 0.5
   c.loss.mcq_weight = 0.5
+  c.loss.mcq_normalize = True  # score MCQ options as the evaluator does (False: official)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4
@@ -93,10 +118,13 @@ def get_config(preset: str = "shapes"):
   if preset == "paper":
     c.workdir = "runs/negclip-vitb32"
     c.model.init = "openai:ViT-B-32"
-    c.data.captions = ("negcap",)
-    c.data.fresh_mcq, c.data.mcq_answer_weights = False, None  # the released NegMCQ as is
+    c.data.captions = ("negcap",)  # (data.source=records: NegCap captions only)
+    c.data.source = "official_csv"  # the released CSVs as they are: two streams a step
+    c.data.caption_column = "caption"  # as the official training scripts pass it
+    c.data.fresh_mcq, c.data.mcq_answer_weights = False, None
     c.data.text_length = 77
     c.loss.contrastive_weight, c.loss.mcq_weight = 0.99, 0.01
+    c.loss.mcq_normalize = False  # the official training's MCQ logits
     c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 1e-8, 50, 0.1
     c.optim.grad_clip = 0.0
     c.batch_size, c.total_steps = 256, 20_000

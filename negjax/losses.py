@@ -77,7 +77,14 @@ def image_text_loss(kind, image_features, text_features, scale, bias=None):
   raise ValueError(f"unknown loss kind {kind!r}; known: softmax, sigmoid")
 
 
-def mcq_loss(image_features, option_features, answer, scale):
-  """Per-image cross-entropy over its options' scores: [B, D], [B, O, D], [B] -> scalar."""
-  logits = scale * mcq_logits(image_features, option_features)
+def mcq_loss(image_features, option_features, answer, scale, normalize=True):
+  """Per-image cross-entropy over its options' scores: [B, D], [B, O, D], [B] -> scalar.
+
+  `normalize=False` scores raw (unnormalised) features times the scale, as the official
+  NegBench training code's MCQ loss does (its evaluation normalises, like `normalize=True`)."""
+  if normalize:
+    logits = scale * mcq_logits(image_features, option_features)
+  else:
+    logits = scale * jnp.einsum("bd,bod->bo", image_features.astype(jnp.float32),
+                                option_features.astype(jnp.float32))
   return optax.softmax_cross_entropy_with_integer_labels(logits, answer).mean()

@@ -81,6 +81,7 @@ def validate(config) -> None:
     need(len(weights) == 3 and all(isinstance(w, (int, float)) and w >= 0 for w in weights)
          and sum(weights) > 0, "data.mcq_answer_weights must be 3 numbers >= 0 (positive, "
          f"negative, hybrid), not all 0, got {tuple(weights)!r}")
+  _check_source(c, need)
   for key in ("data.dir", "eval.data_root"):
     path = c[key.split(".")[0]][key.split(".")[1]]
     need(path is None or os.path.isdir(path), f"{key}: no such folder: {path}")
@@ -99,6 +100,37 @@ def validate(config) -> None:
          f"{c.model.arch!r}; known: {', '.join(sorted(clip.ARCHITECTURES))}")
   if problems:
     raise cli.UserError("config: " + "; ".join(problems))
+
+
+def _check_source(c, need):
+  """data.source and the streams it gives against the loss weights (negjax.data.train_input)."""
+  from negjax.data import train_input
+  source = c.data.get("source", "records")
+  if source not in train_input.SOURCES:
+    need(False, f"data.source must be one of {', '.join(train_input.SOURCES)}, got {source!r}")
+    return
+  if source == "records":
+    return
+  captions, mcq = bool(c.data.get("caption_csv")), bool(c.data.get("mcq_csv"))
+  if source == "official_csv":
+    need(captions or mcq, "data.source=official_csv needs data.caption_csv and/or data.mcq_csv")
+  elif source == "webdataset":
+    need(bool(c.data.get("shards")), "data.source=webdataset needs data.shards, e.g. "
+         "'DIR/{00000..00009}.tar'")
+    captions = True
+  else:  # converted: its splits are known once read
+    need(bool(c.data.dir), "data.source=converted needs data.dir (negjax.data.convert's OUT)")
+    captions = mcq = True
+  for key in ("caption_csv", "mcq_csv"):
+    path = c.data.get(key)
+    need(not path or os.path.isfile(path), f"data.{key}: no such file: {path}")
+  if source != "converted":
+    need(captions or not c.loss.contrastive_weight, "loss.contrastive_weight > 0 needs "
+         "captions: set data.caption_csv, or --config.loss.contrastive_weight=0")
+    need(mcq or not c.loss.mcq_weight, "loss.mcq_weight > 0 needs MCQs: set data.mcq_csv, "
+         "or --config.loss.mcq_weight=0")
+  need(not c.eval.enabled or c.eval.data_root or c.eval.files, f"data.source={source} has "
+       "no eval/ folder: set eval.data_root (NegBench CSVs) or --config.eval.enabled=False")
 
 
 def as_dict(config) -> dict:

@@ -46,22 +46,33 @@ def normalize_images(images_uint8, dtype=jnp.float32):
   return ((x - jnp.asarray(OPENAI_MEAN)) / jnp.asarray(OPENAI_STD)).astype(dtype)
 
 
-def loss_fn(params, graphdef, batch, contrastive_weight, mcq_weight, kind="softmax"):
+def loss_fn(params, graphdef, batch, contrastive_weight, mcq_weight, kind="softmax",
+            mcq_normalize=True):
   """Weighted image-text loss (`kind`: "softmax" contrastive or "sigmoid", see
-  losses.image_text_loss) + MCQ loss."""
+  losses.image_text_loss) + MCQ loss.
+
+  A batch is one image per row (image, caption_ids, mcq_ids, mcq_answer), or two streams
+  (train_input: official NegFull): caption rows (image, caption_ids) and MCQ rows of other
+  images (mcq_image, mcq_ids, mcq_answer), either part alone when only one is configured.
+  `mcq_normalize=False`: the official training's MCQ scores (see losses.mcq_loss)."""
   model = nnx.merge(graphdef, params)
-  images = model.encode_image(normalize_images(batch["image"]))
-  caption_features = model.encode_text(batch["caption_ids"])
-  use_mcq = mcq_weight > 0
-  if use_mcq:  # options may be shorter than captions (see train_input.trim_text)
+  scale = model.temperature()
+  images = None
+  contrastive = jnp.zeros((), jnp.float32)
+  if "caption_ids" in batch:
+    images = model.encode_image(normalize_images(batch["image"]))
+    caption_features = model.encode_text(batch["caption_ids"])
+    bias = model.bias() if hasattr(model, "bias") else None  # SigLIP's learned logit bias
+    contrastive = losses.image_text_loss(kind, images, caption_features, scale, bias)
+  mcq = jnp.zeros((), jnp.float32)
+  if mcq_weight > 0:  # options may be shorter than captions (see train_input.trim_text)
+    mcq_images = (model.encode_image(normalize_images(batch["mcq_image"]))
+                  if "mcq_image" in batch else images)
     b, o, length = batch["mcq_ids"].shape
     option_features = model.encode_text(batch["mcq_ids"].reshape(b * o, length))
     option_features = option_features.reshape(b, o, -1)
-  scale = model.temperature()
-  bias = model.bias() if hasattr(model, "bias") else None  # SigLIP's learned logit bias
-  contrastive = losses.image_text_loss(kind, images, caption_features, scale, bias)
-  mcq = (losses.mcq_loss(images, option_features, batch["mcq_answer"], scale)
-         if use_mcq else jnp.zeros((), jnp.float32))
+    mcq = losses.mcq_loss(mcq_images, option_features, batch["mcq_answer"], scale,
+                          mcq_normalize)
   total = contrastive_weight * contrastive + mcq_weight * mcq
   return total, {"loss": total, "contrastive_loss": contrastive, "mcq_loss": mcq,
                  "logit_scale": scale}
@@ -100,7 +111,8 @@ def make_train_step(graphdef, tx, schedule, loss_config, mesh, state_shardings):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, metrics), grads = grad_fn(state["params"], graphdef, batch,
                                   loss_config.contrastive_weight, loss_config.mcq_weight,
-                                  loss_config.get("kind", "softmax"))
+                                  loss_config.get("kind", "softmax"),
+                                  loss_config.get("mcq_normalize", True))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = clamp_logit_scale(optax.apply_updates(state["params"], updates))
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
