@@ -8,6 +8,7 @@ provenance.json, report.txt, training.png, model.safetensors.
 """
 import csv
 import datetime
+import glob
 import json
 import logging
 import os
@@ -94,6 +95,8 @@ def build_data_once(config):
 def eval_files(eval_config, data) -> tuple[list, str]:
   root = eval_config.data_root or data.eval_root
   files = eval_config.files.split(",") if eval_config.files else list(data.eval_files)
+  if not files and eval_config.data_root:  # a data.source without its own eval/ folder
+    files = sorted(glob.glob(os.path.join(eval_config.data_root, "*.csv")))
   return files, root
 
 
@@ -198,7 +201,7 @@ def train(config):
   if is_main:
     record = provenance.record(
         checkpoint=initial_checkpoint(config.model), architecture=architecture,
-        dtype=config.model.dtype, data=data_records(config.eval, data),
+        dtype=config.model.dtype, data=data_records(config.eval, data, config.data),
         config=train_config.as_dict(config), start_step=start, total_steps=config.total_steps)
     atomic.write_json(os.path.join(workdir, "provenance.json"), record)
 
@@ -265,10 +268,18 @@ def train(config):
     demo.after_training(config, data, initial_checkpoint(config.model), export, workdir)
 
 
-def data_records(eval_config, data) -> list:
+def data_records(eval_config, data, data_config=None) -> list:
   """Provenance of the training shards and the evaluation CSVs, with row counts."""
   from negjax.data import records
-  out = [_file_record(data.train_dir, len(records.training_source(data.train_dir)), "train")]
+  if data.train_dir is None:  # data.source: CSVs, tars or converted shards (no row counts)
+    paths = train_input.input_paths(data_config)
+    hashed = sum(provenance.size(p) for p in paths) <= HASH_LIMIT
+    out = [_file_record(p, None, "train") if hashed else
+           {"path": os.path.abspath(p), "bytes": provenance.size(p), "sha256": None,
+            "role": "train"} for p in paths]
+  else:
+    out = [_file_record(data.train_dir, len(records.training_source(data.train_dir)),
+                        "train")]
   if eval_config.enabled:
     files, root = eval_files(eval_config, data)
     for file in files:
