@@ -5,6 +5,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -221,6 +223,19 @@ def test_folder_without_tokenizer_names_the_file(hf_folder, tmp_path):
   with pytest.raises(weights.CheckpointError) as e:
     weights.load_model(str(folder))
   assert str(folder / "spiece.model") in str(e.value) and "tokenizer.json" in str(e.value)
+  # the evaluator's command line: one error line naming the file, exit status 2
+  config = os.path.join(os.path.dirname(__file__), "..", "configs", "negbench.py")
+  Image.new("RGB", (8, 8)).save(tmp_path / "0.png")  # inputs are checked before the model
+  (tmp_path / "coco_val_mcq.csv").write_text(
+      "image_path,caption_0,caption_1,correct_answer,correct_answer_template\n"
+      "0.png,a dog,no dog,0,positive\n")
+  r = subprocess.run([sys.executable, "-m", "negjax.evaluate", "--config", config,
+                      f"--config.checkpoint={folder}", f"--config.data_root={tmp_path}",
+                      f"--config.workdir={tmp_path / 'out'}"], capture_output=True, text=True,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+  assert r.returncode == 2 and len(errors) == 1, r.stderr
+  assert str(folder / "spiece.model") in errors[0]
 
 
 def test_naflex_siglip2_folder_is_refused(tmp_path):
