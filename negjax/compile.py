@@ -245,10 +245,11 @@ def compile_encoders(config, devices) -> dict:
   ids = place(jax.ShapeDtypeStruct((b, model.config.context_length), jnp.int32))
   out = {}
   one_device = sharding.make_mesh(1, 1, devices[:1])  # traced for the target's platform
-  for name, fn, x in (("image", enc._image, images), ("text", enc._text, ids)):
+  for name, fn, x in (("image", evaluate._encode_image, images),
+                      ("text", evaluate._encode_text, ids)):
     try:
       with jax.set_mesh(one_device):
-        out[name] = memory(fn.lower(state, x).compile())
+        out[name] = memory(fn.lower(enc.graphdef, state, x).compile())
     except Exception as e:  # noqa: BLE001
       oom = _out_of_memory(e)
       if oom is None:

@@ -10,6 +10,7 @@ in-memory model.
 """
 import csv
 import datetime
+import functools
 import json
 import os
 import re
@@ -26,11 +27,23 @@ from negjax.data import eval_input, negbench
 from negjax.tokenizer import tokenize, used_length
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_image(graphdef, state, images):
+  return nnx.merge(graphdef, state).encode_image(images)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_text(graphdef, state, ids):
+  return nnx.merge(graphdef, state).encode_text(ids)
+
+
 class Encoders:
-  """The model split once; each tower is a jitted pure function of (state, inputs)."""
+  """The model split once; each tower is a jitted pure function of (state, inputs), keyed
+  by the model's structure, so models of one architecture (a leaderboard of fine-tunes)
+  share their compilations."""
 
   def __init__(self, model):
-    graphdef, self.state = nnx.split(model)
+    self.graphdef, self.state = nnx.split(model)
     self.image_size = model.config.image_size
     self.context_length = model.config.context_length
     # The model's own text and image input where it has them (SigLIP), else CLIP's.
@@ -39,14 +52,12 @@ class Encoders:
     # What this model's media batches depend on (eval_input.media_batches' inputs): models
     # with equal keys are given the same decoded batches (negjax.leaderboard).
     self.media_key = (self.image_size, self.transforms)
-    self._image = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x))
-    self._text = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_text(x))
 
   def image(self, images):
-    return self._image(self.state, images)
+    return _encode_image(self.graphdef, self.state, images)
 
   def text(self, ids):
-    return self._text(self.state, ids)
+    return _encode_text(self.graphdef, self.state, ids)
 
 
 def frame_mean(x, count):
