@@ -295,3 +295,26 @@ def test_tokenizer_json_matches_transformers(transformers, tmp_path, cls):
   ours = siglip.get_tokenizer(str(tmp_path / "tokenizer.json"), LENGTH)(texts)
   ref = hf(texts, padding="max_length", max_length=LENGTH, truncation=True)["input_ids"]
   assert [list(map(int, row)) for row in ours] == ref
+
+
+def test_siglip2_fixed_resolution_folder_uses_its_tokenizer_json(hf_folder, tmp_path,
+                                                                  transformers):
+  """A fixed-resolution SigLIP 2 folder: a SiglipModel with tokenizer.json (Gemma's) in
+  place of spiece.model; the model tokenizes with that file."""
+  folder, model, _ = hf_folder
+  for name in ("config.json", "model.safetensors"):
+    shutil.copy(os.path.join(folder, name), tmp_path / name)
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+  bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+  bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+  bpe.train_from_iterator([" ".join(WORDS)] * 10, trainers.BpeTrainer(
+      vocab_size=150, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
+  merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+            for m in json.loads(bpe.to_str())["model"]["merges"]]
+  transformers.GemmaTokenizer(vocab=bpe.get_vocab(), merges=merges).save_pretrained(tmp_path)
+  ours = weights.load_model(str(tmp_path))
+  assert ours.config.tokenizer_file == str(tmp_path / "tokenizer.json")
+  texts = ["a photo of a dog", "no cat"]
+  want = transformers.AutoTokenizer.from_pretrained(tmp_path)(
+      texts, padding="max_length", max_length=LENGTH, truncation=True)["input_ids"]
+  assert ours.tokenize(texts).tolist() == want
