@@ -116,8 +116,8 @@ def table(results) -> str:
       r = results.get(key(arch, target, remat, mesh, b))
       if r is None:
         cells.append("")
-      elif r.get("fits") is None:
-        cells.append("error")
+      elif r.get("fits") is None:  # not an answer: a compile timeout or another error
+        cells.append("timeout" if "took over" in r.get("error", "") else "error")
         any_measured = True
       else:
         any_measured = True
@@ -129,9 +129,12 @@ def table(results) -> str:
     best, worst = largest_fit(results, arch, target, remat, mesh)
     if best is None:
       fit = f"< {worst}" if worst else "?"
+    elif best == BATCHES[-1]:
+      fit = f"{best}+"  # the grid's largest
+    elif worst == BATCHES[BATCHES.index(best) + 1]:
+      fit = f"{best}"  # the next batch is refused
     else:
-      fit = f"{best}" if worst or best == BATCHES[-1] else f">= {best}"
-      fit += "+" if best == BATCHES[-1] else ""
+      fit = f"{best} to < {worst}" if worst else f">= {best}"
     lines.append(f"| {arch} | {target} | {'on' if remat else 'off'} | {mesh} | {fit} | "
                  + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -158,8 +161,9 @@ def main():
           args.archs.split(","), args.targets.split(","),
           [bool(int(x)) for x in args.remat.split(",")], args.meshes.split(",")):
         search(results, args, arch, target, remat, mesh, write)
-  print("Per-device peak memory (GiB) by global batch; OOM: the compiler's figure where it "
-        "refused the program; blank: not measured.\n")
+  print("Per-device peak memory (GiB) by global batch; OOM: the temporaries the compiler "
+        "asked for when it refused the program; timeout: no answer within --timeout; blank: "
+        "not measured.\n")
   print(table(results))
 
 

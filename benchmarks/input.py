@@ -30,7 +30,9 @@ from negjax import compile as aot  # noqa: E402
 
 def per_core_rate(n_records, batches, batch_size=32):
   """(samples per CPU-second, samples/s wall) of the trainer's input at 224 px."""
+  from absl import flags
   from negjax.data import make, train_input
+  flags.FLAGS.mark_as_parsed()  # Grain reads its absl flags; this script has none
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   "configs"))
   import negclip

@@ -105,11 +105,13 @@ def gpu_devices(spec_path: str, gpus: int, nodes: int = 1):
                         f"'.[gpu]'; the spec must match the installed jaxlib)") from None
 
 
-def chip_of(devices, name=None) -> str:
-  if name:
-    return name
-  kind = devices[0].device_kind.lower()  # "TPU v5 lite", "TPU v5p", "TPU v6 lite", "TPU v4"
-  for chip, pattern in (("v5e", "v5 lite"), ("v5p", "v5p"), ("v6e", "v6"), ("v4", "v4")):
+def chip_of(devices, topology=None) -> str:
+  """The CHIPS entry: the topology's generation (v5p:4x4x4 -> v5p), else the device kind."""
+  generation = (topology or "").split(":")[0]
+  if generation in CHIPS:
+    return generation
+  kind = devices[0].device_kind.lower()  # "TPU v5 lite", "TPU v5", "TPU v6 lite", "TPU v4"
+  for chip, pattern in (("v5e", "v5 lite"), ("v6e", "v6 lite"), ("v5p", "v5"), ("v4", "v4")):
     if pattern in kind:
       return chip
   raise cli.UserError(f"no HBM/peak figures for device kind {devices[0].device_kind!r}")
@@ -296,7 +298,7 @@ def main(argv):
     chip, topology = _GPU.value, f"{_NODES.value}x{_GPUS.value} {_GPU.value}"
   else:
     devices = tpu_devices(_TOPOLOGY.value, _SLICES.value)
-    chip, topology = chip_of(devices), _TOPOLOGY.value
+    chip, topology = chip_of(devices, _TOPOLOGY.value), _TOPOLOGY.value
   with layers.use_attention(_ATTENTION.value):
     result = compile_step(config, devices, chip, topology, _MFU.value)
     result["attention"] = _ATTENTION.value
