@@ -65,28 +65,31 @@ def parse_checkpoints(spec, workdir):
       name, arch = (s.strip() for s in item.rsplit("=", 1))
       if not name or not arch:
         raise cli.UserError(f"checkpoints: {item!r} is not NAME or NAME=ARCH")
-    if item in seen:
-      raise cli.UserError(f"checkpoints: {item!r} is given twice")
-    seen.add(item)
     name = PACKAGED.get(name, os.path.expanduser(name))
-    entries.append(Entry(item, name, arch, os.path.join(workdir, "models", _folder_name(
-        item, name, arch))))
+    identity = f"{os.path.abspath(name) if os.path.exists(name) else name}={arch or ''}"
+    if identity in seen:
+      raise cli.UserError(f"checkpoints: {item!r} is given twice (same file and arch)")
+    seen.add(identity)
+    entries.append(Entry(item, name, arch, os.path.join(workdir, "models",
+                                                        _folder_name(item, identity))))
   if not entries:
     raise cli.UserError("checkpoints: no model given")
   return entries
 
 
-def _folder_name(label, name, arch):
+def _folder_name(label, identity):
   """Readable and unique: the label's characters that are safe in a file name, and a hash
-  of what is loaded (a path made absolute), so equal labels from two folders differ."""
-  identity = f"{os.path.abspath(name) if os.path.exists(name) else name}={arch or ''}"
+  of what is loaded (a path made absolute, and the arch), so equal labels differ."""
   readable = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(label.rstrip("/")) or label)
   return f"{readable.strip('_')[:60]}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
 
 
-def one_line(error):
+def one_line(error, limit=300):
+  """A table cell: the message on one line (an XLA error can run to pages), cut at `limit`."""
   text = " ".join(str(error).split()) or type(error).__name__
-  return text if isinstance(error, cli.user_errors()) else f"{type(error).__name__}: {text}"
+  if not isinstance(error, cli.user_errors()):
+    text = f"{type(error).__name__}: {text}"
+  return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _open(entry, c, paths):
@@ -115,6 +118,7 @@ def evaluate_models(entries, sets, c):
       groups.setdefault(entry.enc.media_key, []).append(entry)
   for path, ds in sets.items():
     frames = evaluate._frames(ds.paths)
+    reported = False  # skips are the file's: said once
     for group in groups.values():
       todo = [e for e in group if e.error is None
               and not e.out.done(path, c.max_skipped_fraction)]
@@ -126,7 +130,6 @@ def evaluate_models(entries, sets, c):
       skipped = next((m[2] for m in media if not isinstance(m, Exception)), None)
       if skipped is not None:  # the data's problem, not a model's: stops the run
         evaluate.check_skipped(path, len(ds.paths), skipped, c.max_skipped_fraction)
-      reported = False
       for entry, m in zip(todo, media):
         key = entry.out.keys()[path]
         try:
@@ -140,7 +143,7 @@ def evaluate_models(entries, sets, c):
           print(f"{entry.label}: {key}: failed: {entry.error}", flush=True)
           continue
         if not reported:
-          evaluate._report(key, result)  # skips are the file's: said once
+          evaluate._report(key, result)
           reported = True
         print(f"{entry.label}: {key}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)), flush=True)

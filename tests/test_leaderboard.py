@@ -160,8 +160,10 @@ def test_checkpoint_names(tmp_path):
       ("openai:ViT-B-32", None), (leaderboard.PACKAGED["shapes"], None),
       ("x.pt", "ViT-B-32-quickgelu"), (str(odd), None)]
   assert len({e.folder for e in entries}) == 4
-  with pytest.raises(cli.UserError, match="given twice"):
-    leaderboard.parse_checkpoints("shapes,shapes", str(tmp_path))
+  for twice in ("shapes,shapes", f"shapes,{leaderboard.PACKAGED['shapes']}"):
+    with pytest.raises(cli.UserError, match="given twice"):
+      leaderboard.parse_checkpoints(twice, str(tmp_path))
+  assert len(leaderboard.parse_checkpoints("shapes,shapes=negjax-shapes", str(tmp_path))) == 2
   with pytest.raises(cli.UserError, match="not NAME or NAME=ARCH"):
     leaderboard.parse_checkpoints("x.pt=", str(tmp_path))
   with pytest.raises(cli.UserError, match="not both"):
