@@ -4,6 +4,8 @@ import importlib.util
 import io
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -78,14 +80,21 @@ def test_beam_matches_single_process_official_csv(csv_inputs, tmp_path):
       "captions"].num_examples == 4
 
 
-def test_beam_matches_single_process_webdataset(tmp_path, monkeypatch):
+def test_beam_matches_single_process_webdataset_from_the_command_line(tmp_path, monkeypatch):
+  """Through `python -m` (Beam workers must unpickle the work by its module's name)."""
   monkeypatch.setenv("NEGJAX_CACHE", str(tmp_path / "cache"))
   pattern = write_shards(tmp_path / "wds", 3, 3, broken={"000010001.txt"})
-  for runner in ("local", "DirectRunner"):
-    s = convert.build(config(source="webdataset", input=pattern, runner=runner,
-                             out=str(tmp_path / runner)))
-    assert s["records"] == {"captions": 8, "mcq": 0} and s["skipped_count"] == 1
-  assert_same_output(tmp_path / "local", tmp_path / "DirectRunner")
+  local = convert.build(config(source="webdataset", input=pattern, runner="local",
+                               out=str(tmp_path / "local")))
+  result = subprocess.run(
+      [sys.executable, "-m", "negjax.data.convert", "--config", "configs/data/convert.py",
+       f"--config.input={pattern}", f"--config.out={tmp_path / 'beam'}",
+       "--config.runner=DirectRunner", "--config.workers=2", "--config.image_size=24"],
+      cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "'captions': 8" in result.stdout and "skipped: 1" in result.stdout
+  assert local["records"] == {"captions": 8, "mcq": 0} and local["skipped_count"] == 1
+  assert_same_output(tmp_path / "local", tmp_path / "beam")
 
 
 def test_train_from_converted_resumes_exactly(csv_inputs, tmp_path):

@@ -366,7 +366,14 @@ def main(argv):
   print_summary(build(_CONFIG.value))
 
 
-if __name__ == "__main__":
+def run_cli():
+  global _CONFIG
   from ml_collections import config_flags
   _CONFIG = config_flags.DEFINE_config_file("config", None, "conversion config file")
   cli.run(main)
+
+
+if __name__ == "__main__":
+  # Through the package, not __main__: Beam workers unpickle Chunk by its module's name.
+  from negjax.data import convert
+  convert.run_cli()
