@@ -3,7 +3,6 @@ global [B, B] buffer, selectable in the train step for CLIP (fixed bias) and Sig
 bias), and refused by name in the config check."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx

@@ -22,7 +22,6 @@ vision towers without the MAP head.
 import dataclasses
 import functools
 import json
-import logging
 import math
 import os
 import re
@@ -37,8 +36,6 @@ from PIL import Image
 
 from negjax.models.layers import ACTIVATIONS, LayerNorm, Transformer
 from negjax.models.weights import CheckpointError
-
-log = logging.getLogger(__name__)
 
 
 class SigLIPError(CheckpointError):
@@ -305,7 +302,8 @@ class SentencePieceTokenizer:
     self.lower = settings.get("do_lower_case", True)
     piece = lambda key, default: _token_text(settings.get(key, default))
     self.unk = piece("unk_token", "<unk>")
-    self.eos_id, self.pad_id = (self._id(piece(k, "</s>"), path) for k in ("eos_token", "pad_token"))
+    self.eos_id, self.pad_id = (self._id(piece(key, "</s>"), path)
+                                for key in ("eos_token", "pad_token"))
     self.unk_length = len(self.sp.encode(self.unk, out_type=str))
 
   def _id(self, token, path):
@@ -646,7 +644,8 @@ def infer_config(sd, source, heads=None) -> SigLIPConfig:
 
   width, _, patch, _ = shape("vision_model.embeddings.patch_embedding.weight")
   text_width = shape("text_model.final_layer_norm.weight")[0]
-  heads = list(heads) if heads is not None else [_BIG_VISION_HEADS.get(w) for w in (width, text_width)]
+  if heads is None:
+    heads = [_BIG_VISION_HEADS.get(w) for w in (width, text_width)]
   if None in heads:
     raise SigLIPError(f"{source}: widths {width}/{text_width} are not those of a big_vision ViT "
                       f"variant ({sorted(_BIG_VISION_HEADS)}), so the attention head count is "
@@ -722,7 +721,8 @@ def from_big_vision(params: dict, source: str) -> dict:
         used.add(k)
         for i, x in enumerate(p[k]):
           p[k.replace("/encoderblock/", f"/encoderblock_{i}/")] = x
-    layers = len({m.group(1) for k in p if (m := re.match(re.escape(src) + r"/encoderblock_(\d+)/", k))})
+    block = re.compile(re.escape(src) + r"/encoderblock_(\d+)/")
+    layers = len({m.group(1) for k in p if (m := block.match(k))})
     for i in range(layers):
       b, d = f"{src}/encoderblock_{i}", f"{dst}.encoder.layers.{i}."
       norm(b + "/LayerNorm_0", d + "layer_norm1")
