@@ -81,8 +81,8 @@ def test_arch_openai_is_openais_file(cache):
 
 
 def test_unknown_architecture_in_a_name_lists_near_names(cache):
-  with pytest.raises(CheckpointError, match=r"ViT-H14:dfn5b: Unknown architecture 'ViT-H14'; "
-                     r"did you mean ViT-H-14"):
+  with pytest.raises(CheckpointError, match=r"ViT-H14:dfn5b: no such file, nor open_clip's "
+                     r"ARCH:PRETRAINED: unknown architecture 'ViT-H14'; did you mean ViT-H-14"):
     weights.load_model("ViT-H14:dfn5b")
 
 

@@ -524,7 +524,8 @@ def open_clip_name(name: str) -> tuple[str, str] | None:
     return None
   arch, tag = m.groups()
   if arch not in clip.ARCHITECTURES:
-    raise CheckpointError(f"{name}: Unknown architecture {arch!r}{clip.near_names(arch)}")
+    raise CheckpointError(f"{name}: no such file, nor open_clip's ARCH:PRETRAINED: unknown "
+                          f"architecture {arch!r}{clip.near_names(arch)}")
   return arch, tag
 
 
