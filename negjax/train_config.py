@@ -92,12 +92,13 @@ def validate(config) -> None:
   init = c.model.init
   need(init != "random" or c.model.arch, "model.init=random needs model.arch (e.g. "
        "--config.model.arch=negjax-tiny)")
-  need(init in ("random", "shapes") or init.startswith("openai:") or os.path.exists(init),
+  from negjax.models import weights
+  need(init in ("random", "shapes") or weights.is_name(init) or os.path.exists(init),
        f"model.init: no such checkpoint: {init}")
   if c.model.arch:
     from negjax.models import clip
-    need(c.model.arch in clip.ARCHITECTURES, f"model.arch: unknown architecture "
-         f"{c.model.arch!r}; known: {', '.join(sorted(clip.ARCHITECTURES))}")
+    need(c.model.arch in clip.ARCHITECTURES,
+         f"model.arch: unknown architecture {c.model.arch!r}{clip.near_names(c.model.arch)}")
   if problems:
     raise cli.UserError("config: " + "; ".join(problems))
 
