@@ -86,6 +86,7 @@ def get_config(preset: str = "shapes"):
   c.loss.contrastive_weight = 0.5
   c.loss.mcq_weight = 0.5
   c.loss.mcq_normalize = True  # score MCQ options as the evaluator does (False: official)
+  c.loss.l2_init = 0.0  # weight of the squared distance to the initial weights (retention)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4
@@ -94,6 +95,12 @@ def get_config(preset: str = "shapes"):
   c.optim.weight_decay = 0.1
   c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-6
   c.optim.grad_clip = 1.0
+  # big_vision-style per-parameter learning rates: ((regex, factor), ...), first full match
+  # of the name wins, e.g. (("visual/.*", 0.1),); names like "text/transformer/blocks/11/fc/
+  # kernel" (stacked blocks get one name per layer). `frozen`: a regex of names not trained,
+  # e.g. "visual/.*" (text tower only) or "text/(?!transformer/blocks/1[01]/).*".
+  c.optim.lr_mults = ()
+  c.optim.frozen = ""
 
   c.batch_size = 32  # global, over all devices and hosts; small: more updates per minute
   c.total_steps = 1000
@@ -111,6 +118,18 @@ def get_config(preset: str = "shapes"):
   c.eval.data_root = placeholder(str)  # unset: the data dir's eval/ folder
   c.eval.batch_size = 128
   c.eval.every = 0  # also evaluate every N steps (0: only before and after)
+  # zero-shot classification (retention): a CSV of image,label rows or a folder of class
+  # folders; unset: the shapes world's objects when training on it, else none
+  c.eval.zero_shot = placeholder(str)
+  c.eval.zero_shot_templates = ()  # prompts with one {}; (): shapes one, else an ensemble
+
+  # WiSE-FT (negjax.retention): after training, evaluate (1-a)*initial + a*fine-tuned for
+  # each a in `alphas` and export the mix `export_mix` says: a number in [0, 1], or "auto"
+  # (the best negation score whose retention loss is at most `max_retention_loss`)
+  c.wise = ml_collections.ConfigDict()
+  c.wise.alphas = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 1.0)
+  c.wise.max_retention_loss = 0.02
+  c.export_mix = "auto"
 
   c.export = placeholder(str)  # final model as .safetensors; unset: WORKDIR/model.safetensors
   c.export_dtype = "float32"
@@ -130,6 +149,7 @@ def get_config(preset: str = "shapes"):
     c.batch_size, c.total_steps = 256, 20_000
     c.checkpoint_every, c.log_every = 1000, 50
     c.data.workers = 8
+    c.wise.alphas, c.export_mix = (), "1.0"  # the released recipe: no interpolation
   elif preset != "shapes":
     raise ValueError(f"unknown preset {preset!r}: use 'shapes' or 'paper'")
   return c

@@ -21,7 +21,8 @@ import numpy as np
 from flax import nnx
 from ml_collections import config_flags
 
-from negjax import atomic, checkpoint, cli, provenance, sharding, train_config, train_log
+from negjax import atomic, checkpoint, cli, provenance, retention, sharding, train_config
+from negjax import train_log
 from negjax import train_step
 from negjax import workdir as workdir_lock
 from negjax.data import train_input
@@ -32,7 +33,8 @@ SHAPES_CHECKPOINT = os.path.join(os.path.dirname(__file__), "assets", "shapes_cl
 log = logging.getLogger("negjax.train")
 HASH_LIMIT = 8 << 30  # provenance: data larger than this is recorded without a content hash
 EVAL_INPUTS = ("model.", "data.dir", "eval.enabled", "eval.files", "eval.data_root",
-               "eval.batch_size")  # what eval_before.json depends on
+               "eval.batch_size", "eval.zero_shot", "eval.zero_shot_templates")
+# (what eval_before.json depends on)
 
 
 def initial_checkpoint(model_config) -> str | None:
@@ -100,16 +102,38 @@ def eval_files(eval_config, data) -> tuple[list, str]:
   return files, root
 
 
-def evaluate(graphdef, params, eval_config, data):
-  """NegBench metrics on the configured files ({} when evaluation is off)."""
+def zero_shot_labels(config, data):
+  """The zero-shot label set (negjax.zero_shot): eval.zero_shot, else the shapes world's
+  objects when training on it, else None (not measured; said in the log)."""
+  from negjax import zero_shot
+  if not config.eval.enabled:
+    return None
+  templates = tuple(config.eval.get("zero_shot_templates") or ())
+  if config.eval.get("zero_shot"):
+    return zero_shot.read(config.eval.zero_shot, templates)
+  if config.data.dir is None and not config.eval.data_root:
+    return zero_shot.shapes_labels(config.data.shapes, data.eval_root, templates)
+  log.warning("no zero-shot evaluation: set eval.zero_shot to a CSV of image,label rows or "
+              "a folder of class folders")
+  return None
+
+
+def evaluate(graphdef, params, eval_config, data, zero_shot_labels=None):
+  """NegBench metrics on the configured files, and zero-shot top-1 under "zero_shot" when
+  labels are given ({} when evaluation is off)."""
   if not eval_config.enabled:
     return {}
   from negjax import evaluate as evaluator
+  from negjax import zero_shot
   if jax.process_count() > 1:  # the evaluator encodes each process's share with local weights
     params = jax.device_put(sharding.to_host(params), jax.local_devices()[0])
   files, root = eval_files(eval_config, data)
-  return evaluator.evaluate_files(nnx.merge(graphdef, params), files=files, data_root=root,
-                                  batch_size=eval_config.batch_size)
+  model = nnx.merge(graphdef, params)
+  results = evaluator.evaluate_files(model, files=files, data_root=root,
+                                     batch_size=eval_config.batch_size)
+  if zero_shot_labels is not None:
+    results["zero_shot"] = zero_shot.evaluate(model, zero_shot_labels, eval_config.batch_size)
+  return results
 
 
 def summary(results) -> dict:
@@ -124,6 +148,14 @@ def summary(results) -> dict:
              if "negated" in name and isinstance(m, dict) and "image_retrieval_recall@5" in m]
   if negated:
     out["negated_retrieval_recall@5"] = float(np.mean(negated))
+  for direction in ("image", "text"):  # retention: retrieval with affirmative captions
+    plain = [m[f"{direction}_retrieval_recall@5"] for name, m in results.items()
+             if "negated" not in name and isinstance(m, dict)
+             and f"{direction}_retrieval_recall@5" in m]
+    if plain:
+      out[f"plain_{direction}_retrieval_recall@5"] = float(np.mean(plain))
+  if isinstance(results.get("zero_shot"), dict):
+    out["zero_shot_top1"] = results["zero_shot"]["zero_shot_top1"]
   return out
 
 
@@ -167,6 +199,8 @@ def train(config):
 
   # ------------------------------------------------------ model + optimizer
   graphdef, params = nnx.split(model, nnx.Param)
+  initial = jax.tree.map(np.array, params)  # a host copy (the state's buffers are donated)
+  labels = zero_shot_labels(config, data)
   tx, schedule = train_step.make_optimizer(config.optim, config.total_steps)
   state, state_shardings = train_step.init_state(params, tx, mesh)
   architecture = clip.architecture_name(model.config) or "custom"
@@ -183,7 +217,7 @@ def train(config):
       with open(before_path) as f:
         before = json.load(f)
   else:
-    before = evaluate(graphdef, state["params"], config.eval, data)
+    before = evaluate(graphdef, state["params"], config.eval, data, labels)
     if is_main:
       atomic.write_json(before_path, before)
 
@@ -206,8 +240,10 @@ def train(config):
     atomic.write_json(os.path.join(workdir, "provenance.json"), record)
 
   # ------------------------------------------------------------- train
+  anchor = (jax.device_put(initial, state_shardings["params"])
+            if config.loss.get("l2_init") else None)  # for the L2-to-init penalty
   step_fn = train_step.make_train_step(graphdef, tx, schedule, config.loss, mesh,
-                                       state_shardings)
+                                       state_shardings, anchor)
   previous = None  # the previous step's metrics, read one step late so the host never waits
   t_data, t_last, since_log = 0.0, time.perf_counter(), 0
   try:  # an error ends the progress bar's line before it is printed
@@ -240,32 +276,79 @@ def train(config):
         _stop_if_not_finite(metrics, done, ckpt, run_log, state["params"])  # never save NaNs
         ckpt.save(done, state, train_iter)
       if config.eval.every and done % config.eval.every == 0 and not last:
-        run_log.write(done, eval=evaluate(graphdef, state["params"], config.eval, data))
+        run_log.write(done, eval=evaluate(graphdef, state["params"], config.eval, data,
+                                          labels))
     ckpt.close()
   finally:
     run_log.close()
 
   # ------------------------------------------- evaluate after, export, report
-  after = evaluate(graphdef, state["params"], config.eval, data)
+  after = evaluate(graphdef, state["params"], config.eval, data, labels)
   if config.eval.enabled:
     run_log.write(config.total_steps, eval=after)
   final_params = sharding.to_host(state["params"])  # a collective: every process takes part
+  alpha, mixes = choose_mix(config, graphdef, initial, final_params, before, after, data,
+                            labels, run_log,
+                            lambda p: jax.device_put(p, state_shardings["params"]))
+  exported = after if alpha == 1.0 else mixes.get(alpha, {})
+  if alpha != 1.0:
+    final_params = retention.mix(initial, final_params, alpha)
   if is_main:
     atomic.write_json(os.path.join(workdir, "eval_after.json"), after)
+    if mixes:
+      atomic.write_json(os.path.join(workdir, "eval_mix.json"), {
+          "chosen": alpha, "max_retention_loss": config.wise.max_retention_loss,
+          "results": {str(a): r for a, r in mixes.items()}})
     export = config.export or os.path.join(workdir, "model.safetensors")
     weights.save_open_clip(nnx.merge(graphdef, final_params), export, config.export_dtype)
     record.update(finished=datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds"), exported_model=provenance.file_record(export))
+        timespec="seconds"), exported_model=provenance.file_record(export), export_mix=alpha)
     atomic.write_json(os.path.join(workdir, "provenance.json"), record)
-    table = report(before, after)
+    b = summary(before)
+    sweep = {a: summary(r) for a, r in mixes.items()}
+    table = report(before, after, exported if alpha != 1.0 else None, alpha)
+    if sweep:
+      table += ("\n\nWiSE-FT sweep: (1-alpha)*initial + alpha*fine-tuned; retention loss = "
+                "largest drop of plain R@5 (both ways) and zero-shot top-1\n"
+                + retention.frontier_table(b, sweep, alpha))
     print(table)
     with open(os.path.join(workdir, "report.txt"), "w") as f:
       f.write(report_header(record) + "\n\n" + table + "\n")
-    b, a = summary(before), summary(after)
-    print("curves and metrics:", train_log.plot_run(workdir, b, a, sorted(set(b) | set(a))))
-    print("fine-tuned model:", export)
+    print("curves and metrics:", train_log.plot_run(workdir, b, summary(after), sweep, alpha))
+    print(f"fine-tuned model (mix alpha={alpha:g}):", export)
     from negjax.search import demo  # shapes demo: both models' top 5 for a negated query
     demo.after_training(config, data, initial_checkpoint(config.model), export, workdir)
+
+
+def choose_mix(config, graphdef, initial, final, before, after, data, labels, run_log,
+               place=lambda params: params):
+  """WiSE-FT after training (negjax.retention): the mixing coefficient to export and
+  {alpha: results} for each of wise.alphas (and a fixed export_mix), evaluated on the mix
+  (1-alpha)*initial + alpha*final; alpha 0 is the initial model (`before`), 1 `after`.
+  `place` puts host parameters where the evaluator takes them (the state's shardings)."""
+  mix = retention.parse_mix(config.get("export_mix", "1.0"))
+  if not config.eval.enabled:
+    return 1.0 if mix == "auto" else mix, {}
+  alphas = sorted({float(a) for a in (config.wise.alphas if "wise" in config else ())}
+                  | ({mix} if mix != "auto" else set()))
+  results = {}
+  for alpha in alphas:
+    if alpha == 1.0:
+      results[alpha] = after
+    elif alpha == 0.0:
+      results[alpha] = before
+    else:
+      log.info("WiSE-FT: evaluating alpha=%g", alpha)
+      results[alpha] = evaluate(graphdef, place(retention.mix(initial, final, alpha)),
+                                config.eval, data, labels)
+    run_log.write(config.total_steps, mix={"alpha": alpha, "summary": summary(results[alpha]),
+                                           "results": results[alpha]})
+  if mix != "auto":
+    return mix, results
+  chosen = retention.choose({a: summary(r) for a, r in results.items()}, summary(before),
+                            config.wise.max_retention_loss)  # process 0 has every result
+  chosen = alphas[int(np.argmax(sharding.process_0_says([a == chosen for a in alphas])))]
+  return chosen, results
 
 
 def data_records(eval_config, data, data_config=None) -> list:
@@ -338,21 +421,27 @@ def _stop_if_not_finite(metrics, step, ckpt, run_log, params=None):
         f"or check the data, then rerun to resume from it.")
 
 
-def report(before: dict, after: dict) -> str:
-  """A before/after table: one row per (file, metric)."""
+def report(before: dict, after: dict, mixed: dict | None = None, alpha: float = 1.0) -> str:
+  """A before/after table: one row per (file, metric), negation and retention alike; with
+  `mixed` (the exported WiSE-FT mix) a column for it, and the change is the exported
+  model's."""
   rows = []
   for name in sorted(set(before) & set(after)):
     if not isinstance(before[name], dict):
       continue
     for key in sorted(before[name]):
       b, a = before[name].get(key), after[name].get(key)
-      if isinstance(b, (int, float)) and isinstance(a, (int, float)) and (
-          "accuracy" in key or "recall" in key):
-        rows.append((name, key, b, a))
+      m = (mixed or {}).get(name, {}).get(key) if mixed is not None else a
+      if all(isinstance(x, (int, float)) for x in (b, a, m)) and (
+          "accuracy" in key or "recall" in key or "top1" in key):
+        rows.append((name, key, b, a, m))
   width = max([len(r[0]) for r in rows] + [4])
-  lines = [f"{'file':{width}s}  {'metric':28s} {'before':>7s} {'after':>7s} {'change':>7s}"]
-  for name, key, b, a in rows:
-    lines.append(f"{name:{width}s}  {key:28s} {b:7.3f} {a:7.3f} {a - b:+7.3f}")
+  mix_column = f"{'a=' + format(alpha, 'g'):>7s} " if mixed is not None else ""
+  lines = [f"{'file':{width}s}  {'metric':30s} {'before':>7s} {'after':>7s} {mix_column}"
+           f"{'change':>7s}"]
+  for name, key, b, a, m in rows:
+    mix_value = f"{m:7.3f} " if mixed is not None else ""
+    lines.append(f"{name:{width}s}  {key:30s} {b:7.3f} {a:7.3f} {mix_value}{m - b:+7.3f}")
   return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from negjax import atomic, cli, sharding
 
 CHANGEABLE = ("workdir", "allow_config_change", "log_every", "checkpoint_every",
               "keep_checkpoints", "mesh.", "model.remat", "data.text_multiple", "eval.",
-              "export", "export_dtype")
+              "export", "export_dtype", "export_mix", "wise.")
 FILE = "config.json"
 
 
@@ -56,9 +56,6 @@ def validate(config) -> None:
 
   number("loss.contrastive_weight", c.loss.contrastive_weight)
   number("loss.mcq_weight", c.loss.mcq_weight)
-  need(c.loss.get("kind", "softmax") in ("softmax", "sigmoid"),
-       f"loss.kind must be 'softmax' (CLIP's contrastive loss) or 'sigmoid' (SigLIP's), "
-       f"got {c.loss.get('kind')!r}")
   need(c.loss.contrastive_weight != 0 or c.loss.mcq_weight != 0,
        "loss.contrastive_weight and loss.mcq_weight are both 0: nothing to train")
   number("optim.lr", c.optim.lr, low_open=True)
@@ -69,6 +66,13 @@ def validate(config) -> None:
   number("optim.b2", c.optim.b2, high=1.0)
   number("optim.eps", c.optim.eps, low_open=True)
   number("optim.grad_clip", c.optim.grad_clip)
+
+  number("loss.l2_init", c.loss.get("l2_init", 0.0))
+  need(c.loss.get("kind", "softmax") in ("softmax", "sigmoid"),
+       f"loss.kind must be 'softmax' (CLIP's contrastive loss) or 'sigmoid' (SigLIP's), "
+       f"got {c.loss.get('kind')!r}")
+  _check_regexes(c.optim, need)
+  _check_mix(c, number, need)
 
   positive("data.text_length", c.data.text_length)
   positive("data.text_multiple", c.data.text_multiple, zero_ok=True)
@@ -101,6 +105,43 @@ def validate(config) -> None:
          f"model.arch: unknown architecture {c.model.arch!r}{clip.near_names(c.model.arch)}")
   if problems:
     raise cli.UserError("config: " + "; ".join(problems))
+
+
+def _check_regexes(optim, need):
+  import re
+  pairs = optim.get("lr_mults") or ()
+  shaped = all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs)
+  need(shaped, f"optim.lr_mults must be ((regex, factor), ...), got {pairs!r}")
+  patterns = [("optim.frozen", optim.get("frozen") or "")]
+  if shaped:
+    patterns += [(f"optim.lr_mults[{i}]", p) for i, (p, _) in enumerate(pairs)]
+    for i, (_, factor) in enumerate(pairs):
+      need(isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor >= 0,
+           f"optim.lr_mults[{i}]: factor must be a number >= 0, got {factor!r}")
+  for key, pattern in patterns:
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      need(False, f"{key}: not a regular expression: {pattern!r} ({e})")
+
+
+def _check_mix(c, number, need):
+  from negjax import retention
+  if "wise" not in c:
+    return
+  alphas = c.wise.alphas or ()
+  need(all(isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1
+           for a in alphas), f"wise.alphas must be numbers in [0, 1], got {tuple(alphas)!r}")
+  number("wise.max_retention_loss", c.wise.max_retention_loss, high=1.0)
+  try:
+    mix = retention.parse_mix(c.get("export_mix", "1.0"))
+  except (TypeError, ValueError) as e:
+    need(False, f"export_mix {e}")
+    return
+  need(mix != "auto" or alphas, "export_mix=auto chooses among wise.alphas: give some "
+       "(e.g. --config.wise.alphas='(0,0.25,0.5,0.75,1)') or a number for export_mix")
+  need(mix != "auto" or c.eval.enabled, "export_mix=auto needs eval.enabled (it chooses "
+       "by the evaluated numbers); give a number instead")
 
 
 def _check_source(c, need):

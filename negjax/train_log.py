@@ -69,15 +69,21 @@ def read_records(workdir: str) -> list[dict]:
   return out
 
 
-def plot_run(workdir: str, before: dict, after: dict, keys: list[str]) -> str:
-  """Training curves (loss terms, lr) and a before/after bar chart of `keys`."""
+def plot_run(workdir: str, before: dict, after: dict, sweep: dict | None = None,
+             chosen: float | None = None) -> str:
+  """WORKDIR/training.png: loss terms and learning rate; before/after bars of the negation
+  numbers and, in their own panel, of the retention numbers (nothing hidden); with a WiSE-FT
+  `sweep` ({alpha: summary}) the exported mix's bars too and the negation-vs-retention
+  frontier, one point per alpha (see negjax.retention)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from negjax import retention
 
   records = [r for r in read_records(workdir) if "loss" in r]
-  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-  for name in ("loss", "contrastive_loss", "mcq_loss"):
+  fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+  axes = axes.ravel()
+  for name in ("loss", "contrastive_loss", "mcq_loss", "l2_to_init"):
     pts = [(r["step"], r[name]) for r in records if name in r]
     if pts:
       axes[0].plot(*zip(*pts), label=name)
@@ -87,12 +93,39 @@ def plot_run(workdir: str, before: dict, after: dict, keys: list[str]) -> str:
   if pts:
     axes[1].plot(*zip(*pts))
   axes[1].set(title="learning rate", xlabel="step")
-  x = np.arange(len(keys))
-  axes[2].bar(x - 0.2, [before.get(k, np.nan) for k in keys], 0.4, label="before")
-  axes[2].bar(x + 0.2, [after.get(k, np.nan) for k in keys], 0.4, label="after")
-  axes[2].set_xticks(x, keys, rotation=30, ha="right", fontsize=8)
-  axes[2].set(title="negation metrics", ylim=(0, 1))
-  axes[2].legend()
+
+  bars = [("before", before), ("fine-tuned", after)]
+  if sweep and chosen is not None and chosen != 1.0 and chosen in sweep:
+    bars.append((f"exported (alpha={chosen:g})", sweep[chosen]))
+  negation = [k for k in retention.NEGATION_KEYS + ("hybrid_accuracy", "total_accuracy")
+              if k in before or k in after]
+  kept = [k for k in retention.RETENTION_KEYS + ("positive_accuracy",)
+          if k in before or k in after]
+  for ax, keys, title in ((axes[3], negation, "negation"),
+                          (axes[4], kept, "retention (affirmative captions, zero-shot)")):
+    x, width = np.arange(len(keys)), 0.8 / len(bars)
+    for i, (label, values) in enumerate(bars):
+      ax.bar(x + (i - (len(bars) - 1) / 2) * width, [values.get(k, np.nan) for k in keys],
+             width, label=label)
+    ax.set_xticks(x, keys, rotation=20, ha="right", fontsize=8)
+    ax.set(title=title, ylim=(0, 1))
+    ax.legend(fontsize=8)
+
+  ax = axes[2]
+  if sweep:
+    alphas = sorted(sweep)
+    loss = [retention.retention_loss(before, sweep[a]) for a in alphas]
+    score = [retention.negation_score(sweep[a]) for a in alphas]
+    ax.plot(loss, score, "o-")
+    for a, x, y in zip(alphas, loss, score):
+      ax.annotate(f"{a:g}" + (" (exported)" if a == chosen else ""), (x, y), fontsize=8,
+                  xytext=(4, 4), textcoords="offset points")
+    ax.set(title="WiSE-FT frontier (labels: alpha)", xlabel="retention loss (largest drop)",
+           ylabel="negation score (mean of " + ", ".join(retention.NEGATION_KEYS) + ")")
+    ax.yaxis.label.set_fontsize(8)
+  else:
+    ax.set_axis_off()
+  axes[5].set_axis_off()
   fig.tight_layout()
   path = os.path.join(workdir, "training.png")
   fig.savefig(path, dpi=100)

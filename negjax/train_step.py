@@ -5,13 +5,14 @@ shardings and the state donated, so parameters and optimizer state are updated i
 State is a plain dict {step, params, opt_state}; params are the model's nnx.Param state.
 """
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from negjax import losses, sharding
+from negjax import losses, retention, sharding
 from negjax.image import OPENAI_MEAN, OPENAI_STD
 
 NO_DECAY = ("bias", "scale", "class_embedding", "logit_scale",  # gains, biases, temperature
@@ -37,7 +38,59 @@ def make_optimizer(optim, total_steps):
                    weight_decay=optim.weight_decay, mask=decay_mask)
   if optim.get("grad_clip"):
     tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
+  lr_mults, frozen = tuple(optim.get("lr_mults") or ()), optim.get("frozen") or ""
+  if lr_mults or frozen:  # frozen gradients are zeroed first: they do not count in the clip
+    tx = optax.chain(scale_by_name(lambda name: 0.0 if re.fullmatch(frozen, name) else 1.0),
+                     tx, scale_by_name(lambda name: lr_multiplier(name, lr_mults, frozen)))
   return tx, schedule
+
+
+def lr_multiplier(name: str, lr_mults, frozen: str = "") -> float:
+  """The learning-rate factor of the parameter called `name` ("visual/transformer/blocks/
+  11/fc/kernel"): 0 if `frozen` matches it whole, else the factor of the first
+  (regex, factor) pair of `lr_mults` that matches it whole, else 1 (big_vision's style)."""
+  if frozen and re.fullmatch(frozen, name):
+    return 0.0
+  for pattern, factor in lr_mults:
+    if re.fullmatch(pattern, name):
+      return float(factor)
+  return 1.0
+
+
+def parameter_names(params):
+  """{leaf path: [name, ...]}: one name per parameter, and one per layer for blocks stacked
+  on a leading layer axis ("text/transformer/blocks/3/fc/kernel"), so that a regex can pick
+  the last N blocks."""
+  def names(path, leaf):
+    keys = [str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey)]
+    if "blocks" not in keys:
+      return ["/".join(keys)]
+    at = keys.index("blocks") + 1
+    return ["/".join(keys[:at] + [str(i)] + keys[at:]) for i in range(leaf.shape[0])]
+  return jax.tree_util.tree_map_with_path(names, params)
+
+
+def scale_by_name(factor_of):
+  """An optax transformation multiplying each update by `factor_of(parameter name)` (per
+  layer for stacked blocks); factors are fixed when the step is traced."""
+  def factors(updates):
+    def per_leaf(names, u):
+      f = [factor_of(n) for n in names]
+      if len(names) == 1 and not _is_stacked(names[0]):
+        return f[0]
+      return jnp.asarray(f, u.dtype).reshape((-1,) + (1,) * (u.ndim - 1))
+    return jax.tree.map(per_leaf, parameter_names(updates), updates,
+                        is_leaf=lambda x: isinstance(x, list))
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, f: u * f, updates, factors(updates)), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _is_stacked(name):
+  return "/blocks/" in name
 
 
 def normalize_images(images_uint8, dtype=jnp.float32):
@@ -46,10 +99,11 @@ def normalize_images(images_uint8, dtype=jnp.float32):
   return ((x - jnp.asarray(OPENAI_MEAN)) / jnp.asarray(OPENAI_STD)).astype(dtype)
 
 
-def loss_fn(params, graphdef, batch, contrastive_weight, mcq_weight, kind="softmax",
-            mcq_normalize=True):
+def loss_fn(params, graphdef, batch, contrastive_weight, mcq_weight, l2_init=0.0,
+            initial=None, mcq_normalize=True, kind="softmax"):
   """Weighted image-text loss (`kind`: "softmax" contrastive or "sigmoid", see
-  losses.image_text_loss) + MCQ loss.
+  losses.image_text_loss) + MCQ loss (+ `l2_init` times the squared distance of the
+  weights to `initial`, see `negjax.retention`).
 
   A batch is one image per row (image, caption_ids, mcq_ids, mcq_answer), or two streams
   (train_input: official NegFull): caption rows (image, caption_ids) and MCQ rows of other
@@ -74,8 +128,12 @@ def loss_fn(params, graphdef, batch, contrastive_weight, mcq_weight, kind="softm
     mcq = losses.mcq_loss(mcq_images, option_features, batch["mcq_answer"], scale,
                           mcq_normalize)
   total = contrastive_weight * contrastive + mcq_weight * mcq
+  extra = {}
+  if l2_init:
+    extra["l2_to_init"] = retention.l2_to_init(params, initial)
+    total = total + l2_init * extra["l2_to_init"]
   return total, {"loss": total, "contrastive_loss": contrastive, "mcq_loss": mcq,
-                 "logit_scale": scale}
+                 "logit_scale": scale, **extra}
 
 
 def clamp_logit_scale(params):
@@ -100,23 +158,36 @@ def init_state(params, tx, mesh):
   return state, shardings
 
 
-def make_train_step(graphdef, tx, schedule, loss_config, mesh, state_shardings):
+def make_train_step(graphdef, tx, schedule, loss_config, mesh, state_shardings,
+                    initial=None):
   """The jitted step. It is traced under `mesh` (`use_abstract_mesh`), so the model's
-  activation constraints (`sharding.constrain_batch`) and platform kernels see it."""
-  def step(state, batch):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return _step(state, batch)
+  activation constraints (`sharding.constrain_batch`) and platform kernels see it.
+  `initial`: the starting parameters, placed like the state's; needed (and only passed
+  to the step) when loss_config.l2_init > 0."""
+  l2_init = float(loss_config.get("l2_init", 0.0) or 0.0)
+  if l2_init and initial is None:
+    raise ValueError("loss.l2_init > 0 needs the initial parameters")
+  initial = initial if l2_init else None
 
-  def _step(state, batch):
+  def step(state, batch, initial):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return _step(state, batch, initial)
+
+  def _step(state, batch, initial):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, metrics), grads = grad_fn(state["params"], graphdef, batch,
                                   loss_config.contrastive_weight, loss_config.mcq_weight,
-                                  loss_config.get("kind", "softmax"),
-                                  loss_config.get("mcq_normalize", True))
+                                  l2_init, initial, loss_config.get("mcq_normalize", True),
+                                  loss_config.get("kind", "softmax"))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = clamp_logit_scale(optax.apply_updates(state["params"], updates))
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-  return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+  jitted = jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh),
+                                       None if initial is None else state_shardings["params"]),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)),
+                   donate_argnums=0)
+  run = lambda state, batch: jitted(state, batch, initial)
+  run.lower = lambda state, batch: jitted.lower(state, batch, initial)  # negjax.compile
+  return run

@@ -1,0 +1,95 @@
+"""Keeping what the model knew while it learns negation.
+
+Fine-tuning a CLIP on negated captions lifts negation and lowers plain retrieval and
+zero-shot accuracy. Three levers, each a config option of `negjax.train`:
+
+  * WiSE-FT (Wortsman et al. 2022): the weights (1 - alpha) * initial + alpha * fine-tuned.
+    After training the trainer evaluates a sweep of alphas (`wise.alphas`), draws the
+    negation-vs-retention frontier, and exports one alpha (`export_mix`: a number, or
+    "auto": the best negation score whose retention loss is within `wise.max_retention_loss`).
+  * an L2-to-init penalty on the towers during training (`loss.l2_init`, see `l2_to_init`).
+  * per-tower learning rates / freezing by parameter-name regex (`optim.lr_mults`,
+    `optim.frozen`, see `negjax.train_step.make_optimizer`).
+
+Headline numbers (`negjax.train.summary`): negation is the negation-template MCQ accuracy and
+negated-query Recall@5; retention is plain retrieval Recall@5 both ways and zero-shot top-1.
+The retention loss of a model is its largest drop, over the retention numbers, below the
+initial model's.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NEGATION_KEYS = ("negative_accuracy", "negated_retrieval_recall@5")
+RETENTION_KEYS = ("plain_image_retrieval_recall@5", "plain_text_retrieval_recall@5",
+                  "zero_shot_top1")
+
+
+def mix(initial, finetuned, alpha: float):
+  """WiSE-FT: (1 - alpha) * initial + alpha * finetuned, leaf by leaf (float32)."""
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"mixing coefficient must be in [0, 1], got {alpha}")
+  return jax.tree.map(
+      lambda a, b: ((1.0 - alpha) * np.asarray(a, np.float32)
+                    + alpha * np.asarray(b, np.float32)).astype(np.asarray(b).dtype),
+      initial, finetuned)
+
+
+def retention_loss(before: dict, summary: dict) -> float:
+  """The largest drop below `before` over the retention numbers both summaries have
+  (0 when none dropped); nan when they share none."""
+  drops = [before[k] - summary[k] for k in RETENTION_KEYS if k in before and k in summary]
+  return max(max(drops), 0.0) if drops else float("nan")
+
+
+def negation_score(summary: dict) -> float:
+  """Mean of the negation numbers the summary has (nan when it has none)."""
+  values = [summary[k] for k in NEGATION_KEYS if k in summary]
+  return float(np.mean(values)) if values else float("nan")
+
+
+def choose(sweep: dict, before: dict, max_retention_loss: float) -> float:
+  """The alpha of `sweep` ({alpha: summary}) with the best negation score among those whose
+  retention loss is at most `max_retention_loss`; ties go to the smaller alpha (closer to
+  the initial model). None qualifies only if even alpha=0 fails: then the smallest alpha."""
+  within = [a for a, s in sweep.items()
+            if not retention_loss(before, s) > max_retention_loss + 1e-9]
+  if not within:
+    return min(sweep)
+  return max(within, key=lambda a: (negation_score(sweep[a]), -a))
+
+
+def parse_mix(value) -> float | str:
+  """`export_mix` as given on the command line: "auto" or a number in [0, 1]."""
+  if isinstance(value, str) and value.strip() == "auto":
+    return "auto"
+  alpha = float(value)
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"must be 'auto' or a number in [0, 1], got {value!r}")
+  return alpha
+
+
+def l2_to_init(params, initial):
+  """Sum over the towers' weights of the squared distance to the initial weights (the
+  temperature is left free)."""
+  def sq(path, p, p0):
+    if any(getattr(k, "key", None) == "logit_scale" for k in path):
+      return jnp.zeros((), jnp.float32)
+    return jnp.sum(jnp.square(p.astype(jnp.float32) - p0.astype(jnp.float32)))
+  return sum(jax.tree.leaves(jax.tree_util.tree_map_with_path(sq, params, initial)))
+
+
+def frontier_table(before: dict, sweep: dict, chosen: float | None = None) -> str:
+  """One line per alpha: negation and retention numbers, score and retention loss."""
+  keys = [k for k in NEGATION_KEYS + RETENTION_KEYS + ("positive_accuracy",)
+          if any(k in s for s in sweep.values())]
+  short = {"negative_accuracy": "neg MCQ", "negated_retrieval_recall@5": "neg R@5",
+           "plain_image_retrieval_recall@5": "img R@5",
+           "plain_text_retrieval_recall@5": "txt R@5",
+           "zero_shot_top1": "0-shot", "positive_accuracy": "aff MCQ"}
+  lines = ["alpha  " + " ".join(f"{short[k]:>8s}" for k in keys) + "  ret.loss  chosen"]
+  for alpha in sorted(sweep):
+    s = sweep[alpha]
+    lines.append(f"{alpha:5.2f}  " + " ".join(f"{s.get(k, float('nan')):8.3f}" for k in keys)
+                 + f"  {retention_loss(before, s):8.3f}  {'<-' if alpha == chosen else ''}")
+  return "\n".join(lines)
