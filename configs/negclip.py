@@ -13,8 +13,22 @@ negation), evaluates again and prints a before/after table. Measured from an emp
 (data engine version 2, 1000 steps of 32; 5m56s wall on 2 idle cores, world build 16 s
 included; the same numbers again on a loaded machine in 25m24s): negation-template MCQ
 accuracy 0.03 -> 0.47, affirmation 0.49 -> 0.59, hybrid 0.23 -> 0.47, negated-retrieval
-Recall@5 0.11 -> 0.29; plain retrieval Recall@5 drops 0.86 -> 0.72 (the small model trades
-some of it for negation).
+Recall@5 0.11 -> 0.29; retention falls: plain retrieval Recall@5 0.86 -> 0.72 (images) and
+0.77 -> 0.66 (texts), zero-shot top-1 0.42 -> 0.38 (the small model trades them for
+negation; the table, metrics.jsonl and training.png show both).
+
+After training the demo evaluates WiSE-FT mixes (1-a)*initial + a*fine-tuned (wise.alphas,
+negjax.retention) and prints the frontier; measured (seed 0):
+  alpha      0     0.25   0.4    0.5    0.6    0.75   1
+  neg MCQ    0.031 0.034  0.049  0.057  0.109  0.240  0.471
+  neg R@5    0.113 0.120  0.133  0.154  0.181  0.233  0.292
+  img R@5    0.858 0.783  0.766  0.756  0.755  0.746  0.722
+  txt R@5    0.774 0.648  0.594  0.572  0.574  0.604  0.660
+  0-shot     0.421 0.412  0.400  0.390  0.384  0.378  0.375
+Mixing does not help this model: retention drops faster than negation rises, mid mixes lose
+more text retrieval than either end, so `export_mix=auto` (retention loss <= 0.02) picks
+alpha 0, the initial model. The demo therefore exports the fine-tuned model (export_mix=1.0);
+the retention targets are open (negjax issue 10).
 
 The `paper` preset reproduces the official NegFull fine-tuning recipe on the released
 CC12M-NegCap / CC12M-NegMCQ CSVs as they are (negjax.data.official): ViT-B/32 from OpenAI
@@ -127,9 +141,9 @@ def get_config(preset: str = "shapes"):
   # each a in `alphas` and export the mix `export_mix` says: a number in [0, 1], or "auto"
   # (the best negation score whose retention loss is at most `max_retention_loss`)
   c.wise = ml_collections.ConfigDict()
-  c.wise.alphas = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 1.0)
+  c.wise.alphas = (0.0, 0.25, 0.5, 0.75, 1.0)
   c.wise.max_retention_loss = 0.02
-  c.export_mix = "auto"
+  c.export_mix = "1.0"  # the demo: the fine-tuned model (auto picks 0 here, see above)
 
   c.export = placeholder(str)  # final model as .safetensors; unset: WORKDIR/model.safetensors
   c.export_dtype = "float32"

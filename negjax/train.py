@@ -348,6 +348,10 @@ def choose_mix(config, graphdef, initial, final, before, after, data, labels, ru
   chosen = retention.choose({a: summary(r) for a, r in results.items()}, summary(before),
                             config.wise.max_retention_loss)  # process 0 has every result
   chosen = alphas[int(np.argmax(sharding.process_0_says([a == chosen for a in alphas])))]
+  if chosen == 0.0:
+    log.warning("export_mix=auto: no mix with alpha > 0 keeps the retention loss within "
+                "wise.max_retention_loss=%g; exporting alpha=0, the initial model (see the "
+                "sweep table; a fixed export_mix exports another)", config.wise.max_retention_loss)
   return chosen, results
 
 
