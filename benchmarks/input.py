@@ -28,8 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from negjax import compile as aot  # noqa: E402
 
 
-def per_core_rate(n_records, batches, batch_size=32):
-  """(samples per CPU-second, samples/s wall) of the trainer's input at 224 px."""
+def per_core_rate(n_records, batches, batch_size=32, train_dir=None):
+  """(samples per CPU-second, samples/s wall) of the trainer's input at 224 px (records of
+  another size are resized per example, as the trainer would)."""
   from absl import flags
   from negjax.data import make, train_input
   flags.FLAGS.mark_as_parsed()  # Grain reads its absl flags; this script has none
@@ -38,12 +39,13 @@ def per_core_rate(n_records, batches, batch_size=32):
   import negclip
   tmp = tempfile.mkdtemp()
   try:
-    make.build(make.default_config("shapes", out=tmp, train_size=n_records, eval_size=0,
-                                   image_size=224, shards=4, workers=1, progress=False))
+    if train_dir is None:
+      make.build(make.default_config("shapes", out=tmp, train_size=n_records, eval_size=0,
+                                     image_size=224, shards=4, workers=1, progress=False))
+      train_dir = os.path.join(tmp, "train")
     data = negclip.get_config("paper").data
     data.source = "records"  # NegFull records: each image with its caption and its MCQ
-    it = train_input.make_iterator(os.path.join(tmp, "train"), data, batch_size, 0, 224,
-                                   process=(0, 1))
+    it = train_input.make_iterator(train_dir, data, batch_size, 0, 224, process=(0, 1))
     next(it)  # opening, indexing
     t, cpu = time.perf_counter(), time.process_time()
     for _ in range(batches):
@@ -61,9 +63,10 @@ def main():
   ap.add_argument("--records", type=int, default=1024)
   ap.add_argument("--aot", default="benchmarks/aot.jsonl")
   ap.add_argument("--mfu", type=float, default=0.4)
+  ap.add_argument("--train_dir", default=None, help="existing records (else 224 px shapes)")
   args = ap.parse_args()
   batches = max(2, args.records // 32 - 2)
-  core, wall = per_core_rate(args.records, batches)
+  core, wall = per_core_rate(args.records, batches, train_dir=args.train_dir)
   print(f"training input (224 px, 1 caption + 4 options of 77 tokens): {core:.0f} samples "
         f"per CPU-second ({wall:.0f}/s wall on this machine)\n")
   if not os.path.exists(args.aot):
