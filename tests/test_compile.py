@@ -6,8 +6,10 @@ import functools
 import importlib.util
 import os
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from negjax import compile as aot
 
@@ -16,50 +18,52 @@ MiB = 1 << 20
 PER_DEVICE = 16  # images per device in every compile below
 
 
-def config(batch):
+def config(batch, arch="negjax-tiny"):
   spec = importlib.util.spec_from_file_location("negclip", os.path.join(ROOT, "configs",
                                                                         "negclip.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
-  c.model.arch, c.model.init, c.model.dtype = "negjax-tiny", "random", "bfloat16"
+  c.model.arch, c.model.init, c.model.dtype = arch, "random", "bfloat16"
   c.mesh.data, c.mesh.fsdp = 1, -1  # full FSDP
-  c.batch_size, c.data.text_length = batch, 8
+  c.batch_size, c.data.text_length = batch, 16
   return c
 
 
 @functools.cache
-def compiled(topology):
+def compiled(topology, arch="negjax-tiny"):
   devices = aot.tpu_devices(topology)
-  return aot.compile_step(config(PER_DEVICE * len(devices)), devices,
+  return aot.compile_step(config(PER_DEVICE * len(devices), arch), devices,
                           aot.chip_of(devices, topology), topology)
 
 
-def state_bytes():
-  """Parameters + AdamW's two moments, float32, whole (unsharded)."""
-  params = aot.abstract_model(config(64))
-  from flax import nnx
-  n = sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(nnx.state(params)))
-  return 3 * 4 * n
+def nbytes(tree):
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("topology,devices,chip", [("v5e:2x2", 4, "v5e"),
-                                                   ("v5p:2x2x2", 8, "v5p")])
-def test_step_compiles_with_full_fsdp_within_bounds(topology, devices, chip):
-  r = compiled(topology)
+@pytest.mark.parametrize("topology,arch,devices,chip", [("v5e:2x2", "negjax-tiny", 4, "v5e"),
+                                                        ("v5p:2x2x2", "negjax-tiny", 8, "v5p")])
+def test_step_compiles_with_full_fsdp_within_bounds(topology, arch, devices, chip):
+  r = compiled(topology, arch)
   assert (r["devices"], r["chip"], r["mesh"]) == (devices, chip, {"data": 1, "fsdp": devices})
   assert r["fits"] and r["hbm_bytes"] == aot.CHIPS[chip]["hbm_bytes"]
-  # the state is split over the devices (replicated it would be `devices` times larger)
-  batch = PER_DEVICE * (32 * 32 * 3 + 4 * (1 + 4 * 8 + 1))
-  assert r["argument_bytes"] < 1.25 * state_bytes() / devices + batch
-  assert r["temp_bytes"] < 40 * MiB and r["peak_bytes"] < 160 * MiB
+  # parameters and AdamW's two moments are split over the devices (replicated, the
+  # arguments would be `devices` times larger)
+  model = aot.abstract_model(config(64, arch))
+  state = 3 * nbytes(nnx.state(model, nnx.Param))
+  batch = nbytes(aot.abstract_batch(config(PER_DEVICE * devices, arch),
+                                    model.config.image_size)) / devices
+  assert r["argument_bytes"] < 1.25 * state / devices + batch
+  assert r["temp_bytes"] < 96 * MiB and r["peak_bytes"] < 256 * MiB  # measured: 13-63 MiB, 56-90 MiB
   assert r["flops_per_step"] > 0 and r["compiler_flops_per_device"] > 0
 
 
 def test_activations_follow_the_per_device_batch():
   """16 images per device on 4 and on 16 chips: were any activation kept for the global
   batch (as XLA did under FSDP before sharding.constrain_batch), the 16-chip program's
-  temporaries would grow with its 4x larger global batch."""
+  temporaries would grow with its 4x larger global batch. (At these sizes XLA happens to
+  keep the batch split even without the constraints: this guards the per-device scaling,
+  the ViT-B-16 regression itself shows only in `negjax.compile` at full size.)"""
   small, large = compiled("v5e:2x2"), compiled("v5e:4x4")
   assert large["batch_size"] == 4 * small["batch_size"]
   assert large["temp_bytes"] < 1.5 * small["temp_bytes"]
