@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import time
 
+from negjax import cli
 from negjax.data import captions
 from negjax.data import make
 from negjax.data import records
@@ -211,15 +212,9 @@ def inputs(args):
 
 
 def convert_config(overrides):
-  import importlib.util
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "configs", "data", "convert.py")
-  spec = importlib.util.spec_from_file_location("convert_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.update(overrides)
-  return config
+  return cli.load_config(path, **overrides)
 
 
 if __name__ == "__main__":

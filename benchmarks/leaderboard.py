@@ -21,7 +21,7 @@ import time
 import jax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from negjax import evaluate, leaderboard  # noqa: E402
+from negjax import cli, evaluate, leaderboard  # noqa: E402
 from negjax.data import eval_input, make  # noqa: E402
 from negjax.models import clip, weights  # noqa: E402
 
@@ -29,13 +29,7 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "negbench.py")
 
 
 def _config(**values):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("negbench_config", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.update(values)
-  return c
+  return cli.load_config(CONFIG, **values)
 
 
 class Decodes:

@@ -89,3 +89,17 @@ def run(main, argv=None, required=("config",)) -> None:
     if debugging(argv):
       raise
     fail(e)
+
+
+def load_config(path: str, **overrides):
+  """The ConfigDict a config file gives, as `--config PATH[:PRESET]` would, with `overrides`
+  (top-level keys) applied: for scripts and tests that build configs without flags."""
+  import importlib.util
+  path, _, preset = path.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0] + "_config"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(preset) if preset else module.get_config()
+  config.update(overrides)
+  return config

@@ -3,7 +3,6 @@ step compiles for v5e:2x2 and v5p:2x2x2 with full FSDP within stated per-device 
 activations stay split over the batch: per-device temporaries follow the per-device batch,
 not the global one. A sharding regression fails here instead of on a reserved pod."""
 import functools
-import importlib.util
 import os
 
 import jax
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from negjax import cli
 from negjax import compile as aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,11 +19,7 @@ PER_DEVICE = 16  # images per device in every compile below
 
 
 def config(batch, arch="negjax-tiny"):
-  spec = importlib.util.spec_from_file_location("negclip", os.path.join(ROOT, "configs",
-                                                                        "negclip.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = cli.load_config(os.path.join(ROOT, "configs", "negclip.py"))
   c.model.arch, c.model.init, c.model.dtype = arch, "random", "bfloat16"
   c.mesh.data, c.mesh.fsdp = 1, -1  # full FSDP
   c.batch_size, c.data.text_length = batch, 16

@@ -196,14 +196,11 @@ def test_template_wording_agrees_with_the_exclusive_set():
 
 def test_shapes_captions_fit_the_demo_text_length():
   """Training cuts texts at data.text_length: a cut "only A, B and C" would drop objects."""
-  import importlib.util
+  from negjax import cli
   from negjax.tokenizer import get_tokenizer
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "configs", "negclip.py")
-  spec = importlib.util.spec_from_file_location("negclip_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  limit = module.get_config().data.text_length
+  limit = cli.load_config(path).data.text_length
   encode, longest = get_tokenizer().encode, 0
   for index in range(400):
     scene = shapes.sample_scene(shapes.scene_rng(0, 0, index), max_objects=4)

@@ -1,6 +1,5 @@
 """Conversion to ArrayRecord: the Beam pipeline writes what the single-process builder writes."""
 import filecmp
-import importlib.util
 import io
 import json
 import os
@@ -20,13 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config(**overrides):
-  spec = importlib.util.spec_from_file_location(
-      "convert_config", os.path.join(ROOT, "configs/data/convert.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.update(dict(image_size=24, workers=2, **overrides))
-  return c
+  return cli.load_config(os.path.join(ROOT, "configs/data/convert.py"),
+                         **dict(image_size=24, workers=2, **overrides))
 
 
 def files(root):

@@ -2,7 +2,6 @@
 import ast
 import csv
 import filecmp
-import importlib.util
 import json
 import os
 
@@ -20,14 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def data_config(name, **overrides):
-  path = os.path.join(ROOT, "configs/data", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.progress = False
-  config.update(overrides)
-  return config
+  return cli.load_config(os.path.join(ROOT, "configs/data", f"{name}.py"), progress=False,
+                         **overrides)
 
 
 def tiny_shapes(out, **overrides):

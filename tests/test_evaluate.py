@@ -2,7 +2,6 @@
 and the guards: non-finite features, skips, inputs checked first, resumable workdir."""
 import csv
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -277,12 +276,7 @@ def test_max_skipped_fraction(bench, tmp_path):
 
 
 def _config(**values):
-  spec = importlib.util.spec_from_file_location("negbench_config", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.update(values)
-  return c
+  return cli.load_config(CONFIG, **values)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ model's own evaluation, images are decoded once per image size (not once per mod
 model added later is the only one evaluated, and a model that fails is a row with its
 error while the others still get numbers."""
 import csv
-import importlib.util
 import os
 import shutil
 
@@ -19,12 +18,7 @@ BATCH = 16
 
 
 def _config(**values):
-  spec = importlib.util.spec_from_file_location("negbench_config", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.update(values)
-  return c
+  return cli.load_config(CONFIG, **values)
 
 
 def _tiny(path, seed, overflow=False):

@@ -94,9 +94,16 @@ def _rows(path, separator, required):
         yield reader.line_num, dict(zip(header, row))
 
 
-def _resolve(path, csv_path, image_root):
+def _image_path(value, column, csv_path, image_root, check_images):
+  """A row's image cell as a path (relative ones under `image_root`, else beside the CSV);
+  ValueError when it is empty, or missing on disk and `check_images`."""
+  if not value:
+    raise ValueError(f"empty {column}")
   root = image_root if image_root is not None else os.path.dirname(os.path.abspath(csv_path))
-  return path if os.path.isabs(path) else os.path.join(root, path)
+  path = value if os.path.isabs(value) else os.path.join(root, value)
+  if check_images and not os.path.isfile(path):
+    raise ValueError(f"no image file {path}")
+  return path
 
 
 def parse_list(cell):
@@ -122,15 +129,11 @@ def read_captions(path, image_column="filepath", caption_column="title", separat
     image, caption = row[image_column].strip(), row[caption_column].strip()
     negatives = ()
     try:
-      if not image:
-        raise ValueError(f"empty {image_column}")
+      image = _image_path(image, image_column, path, image_root, check_images)
       if not caption:
         raise ValueError(f"empty {caption_column}")
       if row.get(NEGATIVE_CAPTIONS, "").strip():
         negatives = parse_list(row[NEGATIVE_CAPTIONS])
-      image = _resolve(image, path, image_root)
-      if check_images and not os.path.isfile(image):
-        raise ValueError(f"no image file {image}")
     except ValueError as e:
       skipped.append((key, str(e)))
       continue
@@ -147,10 +150,9 @@ def read_mcq(path, image_root=None, check_images=False, separator=","):
       skipped.append((key, row))
       continue
     try:
-      image = row["image_path"].strip()
+      image = _image_path(row["image_path"].strip(), "image_path", path, image_root,
+                          check_images)
       options = tuple(row[f"caption_{i}"].strip() for i in range(NUM_OPTIONS))
-      if not image:
-        raise ValueError("empty image_path")
       if not all(options):
         raise ValueError("an empty option")
       try:
@@ -159,9 +161,6 @@ def read_mcq(path, image_root=None, check_images=False, separator=","):
         raise ValueError(f"correct_answer {row['correct_answer']!r} is not a number") from None
       if not 0 <= answer < NUM_OPTIONS or float(row["correct_answer"]) != answer:
         raise ValueError(f"correct_answer {row['correct_answer']!r} is not one of 0..3")
-      image = _resolve(image, path, image_root)
-      if check_images and not os.path.isfile(image):
-        raise ValueError(f"no image file {image}")
     except ValueError as e:
       skipped.append((key, str(e)))
       continue
