@@ -44,10 +44,9 @@ import time
 import numpy as np
 
 from negjax import atomic, cli
+from negjax.data.records import FORMAT, WRITER_OPTIONS, shard_path
 
 SPLITS = ("captions", "mcq")
-FORMAT = "array_record"
-WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random access for Grain
 JPEG_OPTIONS = {"quality": 90, "optimize": False, "subsampling": 2}
 
 
@@ -179,10 +178,6 @@ def _example(key, image, caption="", negative_captions=(), mcq_options=(), mcq_a
   return {"key": key, "image": image, "caption": caption,
           "negative_captions": list(negative_captions), "mcq_options": list(mcq_options),
           "mcq_answer": np.int32(mcq_answer)}
-
-
-def shard_path(out_dir, name, split, shard, num_shards):
-  return os.path.join(out_dir, f"{name}-{split}.{FORMAT}-{shard:05d}-of-{num_shards:05d}")
 
 
 def convert_chunk(chunk, out_dir, name, size):
