@@ -44,6 +44,7 @@ import time
 import numpy as np
 
 from negjax import atomic, cli
+from negjax.data import records
 from negjax.data.records import FORMAT, WRITER_OPTIONS, shard_path
 
 SPLITS = ("captions", "mcq")
@@ -64,16 +65,9 @@ def features():
   })
 
 
-@functools.cache
-def _serializer():
-  from tensorflow_datasets.core import example_serializer
-  return example_serializer.ExampleSerializer(features().get_serialized_info())
-
-
 def encode(example):
-  """Example dict -> record bytes (deterministic: sorted feature map)."""
-  proto = _serializer().get_tf_example(features().encode_example(example))
-  return proto.SerializeToString(deterministic=True)
+  """Example dict -> record bytes in this layout (records.encode: deterministic)."""
+  return records.encode(example, features)
 
 
 def decode(record):
@@ -245,22 +239,10 @@ def _convert_and_record(chunk, out_dir, name, size, results_dir):
 
 def write_metadata(out_dir, name, results):
   """TFDS dataset_info.json / features.json for the shards of each split."""
-  import tensorflow_datasets as tfds
-  from tensorflow_datasets.core import naming
-  template = naming.ShardedFileTemplate(
-      data_dir=out_dir, dataset_name=name, filetype_suffix=FORMAT,
-      template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}")
-  infos = []
-  for split in SPLITS:
-    part = sorted((r for r in results if r.split == split), key=lambda r: r.shard)
-    if part:
-      infos.append(tfds.core.SplitInfo(
-          name=split, shard_lengths=[r.length for r in part],
-          num_bytes=sum(r.num_bytes for r in part),
-          filename_template=template.replace(split=split)))
-  tfds.folder_dataset.write_metadata(
-      data_dir=out_dir, features=features(), split_infos=infos, filename_template=template,
-      check_data=False, description="image-text pairs / MCQs converted by negjax.data.convert")
+  splits = {split: sorted((r for r in results if r.split == split), key=lambda r: r.shard)
+            for split in SPLITS}
+  records.write_metadata(out_dir, name, {s: part for s, part in splits.items() if part},
+                         features, "image-text pairs / MCQs converted by negjax.data.convert")
 
 
 def build(config):

@@ -53,18 +53,19 @@ def features():
 
 
 @functools.cache
-def _serializer():
+def _serializer(features_of):
   from tensorflow_datasets.core import example_serializer
-  return example_serializer.ExampleSerializer(features().get_serialized_info())
+  return example_serializer.ExampleSerializer(features_of().get_serialized_info())
 
 
-def encode(example):
-  """Example dict -> record bytes, identical in every process.
+def encode(example, features_of=features):
+  """Example dict -> record bytes, identical in every process. `features_of`: the function
+  giving the record layout (this module's `features` unless another layout is written).
 
   `FeaturesDict.serialize_example` writes the proto's feature map in hash order, which
   changes with each interpreter's string-hash seed; deterministic serialization sorts it.
   """
-  proto = _serializer().get_tf_example(features().encode_example(example))
+  proto = _serializer(features_of).get_tf_example(features_of().encode_example(example))
   return proto.SerializeToString(deterministic=True)
 
 
@@ -163,8 +164,10 @@ def _progress(total, desc, enabled):
   return tqdm(total=total, desc=desc, disable=not enabled, unit="shard")
 
 
-def write_metadata(out_dir, name, splits):
-  """Makes `out_dir` a TFDS dataset directory; splits: {split: [ShardResult]}."""
+def write_metadata(out_dir, name, splits, features_of=features,
+                   description="negjax NegCap/NegMCQ training records"):
+  """Makes `out_dir` a TFDS dataset directory; splits: {split: [results with .length and
+  .num_bytes, in shard order]}; `features_of` as for `encode`."""
   import tensorflow_datasets as tfds
   from tensorflow_datasets.core import naming
   template = naming.ShardedFileTemplate(
@@ -175,8 +178,8 @@ def write_metadata(out_dir, name, splits):
                                filename_template=template.replace(split=split))
            for split, results in splits.items()]
   tfds.folder_dataset.write_metadata(
-      data_dir=out_dir, features=features(), split_infos=infos, filename_template=template,
-      check_data=False, description="negjax NegCap/NegMCQ training records")
+      data_dir=out_dir, features=features_of(), split_infos=infos, filename_template=template,
+      check_data=False, description=description)
 
 
 class ParsedSource:
