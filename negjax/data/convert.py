@@ -45,7 +45,7 @@ import numpy as np
 
 from negjax import atomic, cli
 from negjax.data import records
-from negjax.data.records import FORMAT, WRITER_OPTIONS, shard_path
+from negjax.data.records import FORMAT, shard_path
 
 SPLITS = ("captions", "mcq")
 JPEG_OPTIONS = {"quality": 90, "optimize": False, "subsampling": 2}
@@ -176,20 +176,10 @@ def _example(key, image, caption="", negative_captions=(), mcq_options=(), mcq_a
 
 def convert_chunk(chunk, out_dir, name, size):
   """Writes one shard; returns its Result (also what the Beam workers run)."""
-  from array_record.python.array_record_module import ArrayRecordWriter
-  result = Result(chunk.split, chunk.shard)
-  writer = ArrayRecordWriter(shard_path(out_dir, name, chunk.split, chunk.shard,
-                                        chunk.num_shards), WRITER_OPTIONS)
-  for key, example, reason in _examples(chunk, size):
-    if example is None:
-      result.skipped.append((key, reason))
-      continue
-    record = encode(example)
-    writer.write(record)
-    result.length += 1
-    result.num_bytes += len(record)
-  writer.close()
-  return result
+  items = ((key, example, reason, ()) for key, example, reason in _examples(chunk, size))
+  return records.write_shard_file(
+      shard_path(out_dir, name, chunk.split, chunk.shard, chunk.num_shards), items,
+      Result(chunk.split, chunk.shard), encode)
 
 
 # ------------------------------------------------------------------ runners

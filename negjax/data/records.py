@@ -106,26 +106,42 @@ class ShardResult:
   skipped: list  # of (key, reason)
 
 
-def _write_shard(make_example, out_dir, name, split, num_items, num_shards, shard):
+def write_shard_file(path, items, result, encode_fn=encode):
+  """Writes one ArrayRecord shard from `items`, (key, example or None, skip reason, tags)
+  tuples, counting into `result`: .length, .num_bytes, .skipped [(key, reason)] and, where
+  `result` has one, the .tags Counter. One loop for every writer of records (this module's
+  builder and negjax.data.convert)."""
   from array_record.python.array_record_module import ArrayRecordWriter
-  lo, hi = shard * num_items // num_shards, (shard + 1) * num_items // num_shards
-  path = shard_path(out_dir, name, split, shard, num_shards)
   writer = ArrayRecordWriter(path, WRITER_OPTIONS)
-  result = ShardResult(shard, 0, 0, collections.Counter(), [])
-  for index in range(lo, hi):
-    try:
-      example, tags = make_example(index)
-    except Skip as e:
-      key, reason = e.args
+  for key, example, reason, tags in items:
+    if example is None:
       result.skipped.append((key, reason))
       continue
-    record = encode(example)
+    record = encode_fn(example)
     writer.write(record)
     result.length += 1
     result.num_bytes += len(record)
-    result.tags.update(tags)
+    if tags:
+      result.tags.update(tags)
   writer.close()
   return result
+
+
+def _write_shard(make_example, out_dir, name, split, num_items, num_shards, shard):
+  lo, hi = shard * num_items // num_shards, (shard + 1) * num_items // num_shards
+
+  def items():
+    for index in range(lo, hi):
+      try:
+        example, tags = make_example(index)
+      except Skip as e:
+        key, reason = e.args
+        yield key, None, reason, ()
+        continue
+      yield None, example, None, tags
+
+  return write_shard_file(shard_path(out_dir, name, split, shard, num_shards), items(),
+                          ShardResult(shard, 0, 0, collections.Counter(), []))
 
 
 def write_split(make_example, num_items, out_dir, name, split, num_shards, workers=1,
