@@ -106,18 +106,18 @@ class ShardResult:
   skipped: list  # of (key, reason)
 
 
-def write_shard_file(path, items, result, encode_fn=encode):
+def write_shard_file(path, items, result, encode_fn=None):
   """Writes one ArrayRecord shard from `items`, (key, example or None, skip reason, tags)
   tuples, counting into `result`: .length, .num_bytes, .skipped [(key, reason)] and, where
   `result` has one, the .tags Counter. One loop for every writer of records (this module's
-  builder and negjax.data.convert)."""
+  builder and negjax.data.convert); `encode_fn` None: this module's `encode`."""
   from array_record.python.array_record_module import ArrayRecordWriter
   writer = ArrayRecordWriter(path, WRITER_OPTIONS)
   for key, example, reason, tags in items:
     if example is None:
       result.skipped.append((key, reason))
       continue
-    record = encode_fn(example)
+    record = (encode_fn or encode)(example)
     writer.write(record)
     result.length += 1
     result.num_bytes += len(record)
