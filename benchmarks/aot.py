@@ -9,9 +9,11 @@ point one `python -m negjax.compile` in its own process (`configs/negclip.py:pap
 NegFull records: bf16, 77-token texts, each image with its caption and a 4-option MCQ,
 scanned layers so compile time does not grow with
 depth, the evaluator not compiled). Results are appended to --out as JSON lines as they
-come, so an interrupted run keeps what it measured and a rerun skips it. GPU targets need
-the CUDA plugin and a target spec (`negjax.compile --gpu`); without them they are listed
-as not measured.
+come, so an interrupted run keeps what it measured and a rerun skips it; a point whose
+compile ran past --timeout is no answer and is compiled again by the next run (the last line
+of a key wins). The grid runs target by target (all models on v5e-256 first). GPU targets
+need the CUDA plugin and a target spec (`negjax.compile --gpu`); without them they are
+listed as not measured.
 """
 import argparse
 import itertools
@@ -26,6 +28,9 @@ TARGETS = {"v5e-256": "v5e:16x16", "v5p-128": "v5p:4x4x4", "v6e-256": "v6e:16x16
            "8xH200": "gpu:h200:8"}
 BATCHES = (1024, 2048, 4096, 8192, 16384, 32768)
 MESHES = {"fsdp": ("1", "-1"), "dp": ("-1", "1")}  # (mesh.data, mesh.fsdp)
+# XLA's attention on GPU: with jax 0.10.2, cuDNN's training attention refuses odd token
+# counts (ViT's 197/257 and 77-token texts) when traced, so "auto" does not compile there
+GPU_ATTENTION = "xla"
 GiB = 1 << 30
 
 
@@ -33,7 +38,8 @@ def key(arch, target, remat, mesh, batch):
   return f"{arch}|{target}|remat={int(remat)}|{mesh}|{batch}"
 
 
-def compile_point(arch, target, remat, mesh, batch, timeout, gpu_spec=None):
+def compile_point(arch, target, remat, mesh, batch, timeout, gpu_spec=None,
+                  gpu_python=None):
   """One `negjax.compile` run -> its JSON figures (or {"error": ...})."""
   topology = TARGETS[target]
   data, fsdp = MESHES[mesh]
@@ -48,10 +54,12 @@ def compile_point(arch, target, remat, mesh, batch, timeout, gpu_spec=None):
     env = dict(os.environ)
     if topology.startswith("gpu:"):
       _, chip, gpus = topology.split(":")
-      if not gpu_spec:
-        return {"error": "not measured: no --gpu_target_config"}
-      cmd += ["--gpu", chip, "--gpus", gpus, "--gpu_target_config", gpu_spec]
-      env["JAX_PLATFORMS"] = "cpu"
+      cmd[0] = gpu_python or sys.executable
+      cmd += ["--gpu", chip, "--gpus", gpus, "--gpu_target_config", gpu_spec,
+              f"--attention={GPU_ATTENTION}"]
+      env["JAX_PLATFORMS"] = "cpu"  # the CUDA plugin's compile-only topology, no GPU
+      # deviceless: no autotuning, and Triton GEMM tiles picked without it fail to compile
+      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false")
     else:
       cmd += ["--topology", topology]
     try:
@@ -66,7 +74,12 @@ def compile_point(arch, target, remat, mesh, batch, timeout, gpu_spec=None):
       return json.load(f)
 
 
+def timed_out(r) -> bool:
+  return "took over" in r.get("error", "")
+
+
 def load(path):
+  """key -> its last result line (a retried point's newest answer)."""
   done = {}
   if os.path.exists(path):
     with open(path) as f:
@@ -90,9 +103,10 @@ def search(results, args, arch, target, remat, mesh, write):
   while hi - lo > 1:
     mid = (lo + hi) // 2
     k = key(arch, target, remat, mesh, BATCHES[mid])
-    if k not in results:
+    if k not in results or timed_out(results[k]):  # a timeout is retried, not an answer
       print(f"compiling {k}", flush=True)
-      r = compile_point(arch, target, remat, mesh, BATCHES[mid], args.timeout, args.gpu_spec)
+      r = compile_point(arch, target, remat, mesh, BATCHES[mid], args.timeout, args.gpu_spec,
+                        args.gpu_python)
       r["key"] = k
       results[k] = r
       write(r)
@@ -105,38 +119,39 @@ def search(results, args, arch, target, remat, mesh, write):
 
 
 def table(results) -> str:
-  """Markdown: one row per (arch, target, remat, mesh): largest batch that fits and the
-  per-device peak at each measured batch."""
-  head = ("| model | target | remat | mesh | largest fit | "
+  """Markdown: one row per (target, arch, remat, mesh) of the grid: the largest global batch
+  that fits, the per-device peak and temporaries there, and the peak at each measured batch."""
+  head = ("| target | model | remat | mesh | largest fit | peak there | temp there | "
           + " | ".join(f"{b // 1024}k" for b in BATCHES) + " |")
-  lines = [head, "|" + "---|" * (5 + len(BATCHES))]
-  for arch, target, remat, mesh in itertools.product(ARCHS, TARGETS, (False, True), MESHES):
-    cells, any_measured = [], False
+  lines = [head, "|" + "---|" * (7 + len(BATCHES))]
+  gib = lambda x: f"{x / GiB:.1f}" if x else "?"
+  for target, arch, remat, mesh in itertools.product(TARGETS, ARCHS, (False, True), MESHES):
+    cells, any_answer = [], False
     for b in BATCHES:
       r = results.get(key(arch, target, remat, mesh, b))
       if r is None:
         cells.append("")
       elif r.get("fits") is None:  # not an answer: a compile timeout or another error
-        cells.append("timeout" if "took over" in r.get("error", "") else "error")
-        any_measured = True
+        cells.append("timeout" if timed_out(r) else "error")
       else:
-        any_measured = True
+        any_answer = True
         peak = r.get("peak_bytes") or r.get("temp_bytes")
-        mark = "" if r["fits"] else " OOM"
-        cells.append(f"{peak / GiB:.1f}{mark}" if peak else mark.strip())
-    if not any_measured:
-      continue
+        cells.append(gib(peak) + ("" if r["fits"] else " OOM"))
     best, worst = largest_fit(results, arch, target, remat, mesh)
-    if best is None:
-      fit = f"< {worst}" if worst else "?"
+    if not any_answer:
+      fit = "not measured" if not any(cells) else "no answer"
+    elif best is None:
+      fit = f"< {worst}"
     elif best == BATCHES[-1]:
       fit = f"{best}+"  # the grid's largest
     elif worst == BATCHES[BATCHES.index(best) + 1]:
       fit = f"{best}"  # the next batch is refused
     else:
       fit = f"{best} to < {worst}" if worst else f">= {best}"
-    lines.append(f"| {arch} | {target} | {'on' if remat else 'off'} | {mesh} | {fit} | "
-                 + " | ".join(cells) + " |")
+    at = results[key(arch, target, remat, mesh, best)] if best else {}
+    lines.append(f"| {target} | {arch} | {'on' if remat else 'off'} | {mesh} | {fit} | "
+                 f"{gib(at.get('peak_bytes')) if at else ''} | "
+                 f"{gib(at.get('temp_bytes')) if at else ''} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -150,6 +165,8 @@ def main():
   ap.add_argument("--meshes", default="fsdp,dp")
   ap.add_argument("--timeout", type=int, default=1200)
   ap.add_argument("--gpu_spec", default=None, help="GpuTargetConfigProto text for H200")
+  ap.add_argument("--gpu_python", default=None,
+                  help="python of an environment with negjax[gpu] (the CUDA plugin)")
   args = ap.parse_args()
   results = load(args.out)
   if not args.table:
@@ -157,13 +174,18 @@ def main():
       def write(r):
         f.write(json.dumps(r) + "\n")
         f.flush()
-      for arch, target, remat, mesh in itertools.product(
-          args.archs.split(","), args.targets.split(","),
+      for target, arch, remat, mesh in itertools.product(
+          args.targets.split(","), args.archs.split(","),
           [bool(int(x)) for x in args.remat.split(",")], args.meshes.split(",")):
+        if TARGETS[target].startswith("gpu:") and not args.gpu_spec:
+          print(f"{target}: not measured (needs --gpu_spec and the CUDA plugin)")
+          continue
         search(results, args, arch, target, remat, mesh, write)
-  print("Per-device peak memory (GiB) by global batch; OOM: the temporaries the compiler "
-        "asked for when it refused the program; timeout: no answer within --timeout; blank: "
-        "not measured.\n")
+  print("Per-device GiB. largest fit: the largest global batch of the grid that compiles "
+        "within HBM (\"A to < B\": B refused, between not measured); peak / temp there: the "
+        "compiler's peak and temporaries at it; batch columns: the peak at that batch; OOM: "
+        "the temporaries the compiler asked for when it refused the program; timeout: no "
+        "answer within --timeout; blank: not compiled.\n")
   print(table(results))
 
 

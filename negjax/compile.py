@@ -17,9 +17,10 @@ step time at the chip's peak and at --mfu.
 
 Topology names are libtpu's `gen:XxY[xZ]`: v5e:16x16 = v5e-256, v5p:4x4x4 = v5p-128 (64
 chips), v6e:16x16 = v6e-256, v4:4x4x4 = v4-128. GPUs (`pip install -e '.[gpu]'`, then
-`JAX_PLATFORMS=cpu`): `--gpu h200 --gpus 8 --gpu_target_config h200.txtpb`, a
-GpuTargetConfigProto text from the XLA commit the installed jaxlib was built from; the GPU
-compiler gives memory but no FLOP count. A program that does not fit a TPU's HBM fails to
+`JAX_PLATFORMS=cpu`, `XLA_FLAGS=--xla_gpu_enable_triton_gemm=false`): `--gpu h200 --gpus 8
+--gpu_target_config h200.txtpb`, a GpuTargetConfigProto text the installed jaxlib's XLA
+parses (see `gpu_devices` for where to get one); the GPU compiler gives memory but no FLOP
+count. A program that does not fit a TPU's HBM fails to
 compile: that is reported as `fits: false` with the compiler's figure.
 """
 import json
@@ -86,11 +87,22 @@ def tpu_devices(topology: str, num_slices: int = 1):
                         f"like v5e:16x16, v5p:4x4x4, v6e:16x16)") from None
 
 
+GPU_SPEC_HELP = (
+    "a GpuTargetConfigProto text for the GPU, from either (1) a machine with that GPU and "
+    "this jaxlib: python -c 'import jax; from jax._src.lib import xla_client as xc; "
+    "print(xc.get_topology_for_devices(jax.devices()).target_config)' > h200.txtpb, or "
+    "(2) XLA's xla/backends/gpu/target_config/specs/h200.txtpb at the XLA commit jaxlib "
+    "{version} was built from (XLA_COMMIT in jax's third_party/xla/revision.bzl at tag "
+    "jax-v{version}); files from XLA's main branch can name fields this XLA does not know: "
+    "delete the lines the parse error names")
+
+
 def gpu_devices(spec_path: str, gpus: int, nodes: int = 1):
-  """Compile-only NVIDIA devices from a GpuTargetConfigProto text (JAX_PLATFORMS=cpu)."""
+  """Compile-only NVIDIA devices from a GpuTargetConfigProto text (JAX_PLATFORMS=cpu). The
+  text must parse for the installed jaxlib's XLA (GPU_SPEC_HELP says where to get one)."""
+  help_ = GPU_SPEC_HELP.format(version=jax.__version__)
   if not spec_path or not os.path.exists(spec_path):
-    raise cli.UserError(f"--gpu needs --gpu_target_config FILE (GpuTargetConfigProto text); "
-                        f"got {spec_path!r}")
+    raise cli.UserError(f"--gpu needs --gpu_target_config FILE, {help_}; got {spec_path!r}")
   if os.environ.get("JAX_PLATFORMS") != "cpu":
     raise cli.UserError("--gpu: run with JAX_PLATFORMS=cpu (else the CUDA plugin looks for "
                         "a GPU and does not register its compile-only topology)")
@@ -101,8 +113,11 @@ def gpu_devices(spec_path: str, gpus: int, nodes: int = 1):
     return topologies.get_topology_desc("aot", "cuda", target_config=spec,
                                         topology=f"1x{nodes}x{gpus}").devices
   except Exception as e:
+    if "Failed to parse GpuTargetConfigProto" in str(e):  # XLA logged the line and field
+      raise cli.UserError(f"{spec_path}: not a GpuTargetConfigProto this jaxlib parses (the "
+                          f"log line above names the field); use {help_}") from None
     raise cli.UserError(f"GPU compile-only devices: {str(e).splitlines()[0]} (pip install -e "
-                        f"'.[gpu]'; the spec must match the installed jaxlib)") from None
+                        f"'.[gpu]' for the CUDA plugin)") from None
 
 
 def chip_of(devices, topology=None) -> str:
@@ -220,6 +235,10 @@ def compile_step(config, devices, chip: str, topology: str, mfu: float = 0.4) ->
       compiled = step.lower(state, batch).compile()
   except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory is an answer
     oom = _out_of_memory(e)
+  except NotImplementedError as e:  # a fused attention kernel refused these shapes
+    raise cli.UserError(f"the step does not trace: {str(e).splitlines()[0]} (the trainer "
+                        f"would fail the same way on this platform; --attention xla "
+                        f"compiles XLA's attention instead)") from None
     if oom is None:
       raise
     out.update(oom, compile_s=time.perf_counter() - t0)
