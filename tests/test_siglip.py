@@ -238,13 +238,6 @@ def test_folder_without_tokenizer_names_the_file(hf_folder, tmp_path):
   assert str(folder / "spiece.model") in errors[0]
 
 
-def test_naflex_siglip2_folder_is_refused(tmp_path):
-  (tmp_path / "config.json").write_text(json.dumps(
-      {"model_type": "siglip2", "text_config": {}, "vision_config": {"num_patches": 256}}))
-  with pytest.raises(weights.CheckpointError, match="Siglip2Model .NaFlex."):
-    weights.load_model(str(tmp_path))
-
-
 def test_preprocess_matches_transformers(transformers, tmp_path):
   rng = np.random.default_rng(0)
   processor = transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32})
@@ -273,12 +266,11 @@ def test_evaluator_uses_the_models_tokenizer_and_preprocessing(hf_folder, tmp_pa
   np.testing.assert_allclose(image, np.asarray(want), atol=1e-5)
 
 
-@pytest.mark.parametrize("cls", ["GemmaTokenizer", "Siglip2Tokenizer"])
-def test_tokenizer_json_matches_transformers(transformers, tmp_path, cls):
-  """SigLIP 2's tokenizer file kind: a Gemma-style BPE (byte fallback, "▁" for spaces)
-  trained here, saved by transformers' class, read back by both sides."""
+def save_gemma_tokenizer(transformers, folder, cls="GemmaTokenizer", seed=2):
+  """A Gemma-style BPE (byte fallback, "▁" for spaces, 300 ids) trained here, saved in
+  `folder` by transformers' class `cls` (tokenizer.json + tokenizer_config.json)."""
   from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-  rng = random.Random(2)
+  rng = random.Random(seed)
   bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
   bpe.normalizer = normalizers.Replace(" ", "▁")
   bpe.pre_tokenizer = pre_tokenizers.Split(pattern="▁", behavior="merged_with_next")
@@ -288,8 +280,16 @@ def test_tokenizer_json_matches_transformers(transformers, tmp_path, cls):
                           special_tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]))
   merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
             for m in json.loads(bpe.to_str())["model"]["merges"]]
-  getattr(transformers, cls)(vocab=bpe.get_vocab(), merges=merges).save_pretrained(tmp_path)
-  hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  getattr(transformers, cls)(vocab=bpe.get_vocab(), merges=merges).save_pretrained(folder)
+  return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("cls", ["GemmaTokenizer", "Siglip2Tokenizer"])
+def test_tokenizer_json_matches_transformers(transformers, tmp_path, cls):
+  """SigLIP 2's tokenizer file kind: a Gemma-style BPE trained here, saved by
+  transformers' class, read back by both sides."""
+  hf = save_gemma_tokenizer(transformers, tmp_path, cls)
+  rng = random.Random(2)
   texts = ["", "  two  spaces ", "Café 東京 🙂", "A photo of a DOG, not a cat!"] + [
       " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))) for _ in range(200)]
   ours = siglip.get_tokenizer(str(tmp_path / "tokenizer.json"), LENGTH)(texts)

@@ -58,20 +58,23 @@ class Block(nnx.Module):
     self.fc = nnx.Linear(width, hidden, kernel_init=_normal(fc_std), **common)
     self.proj = nnx.Linear(hidden, width, kernel_init=_normal(proj_std), **common)
 
-  def __call__(self, x, causal: bool, pool=None):
+  def __call__(self, x, causal: bool, pool=None, lengths=None):
     """[B, N, w] -> [B, N, w]; with `pool` ([B] positions), only those tokens' outputs,
-    [B, w]: a pooled tower's last layer needs no other query, MLP or projection."""
+    [B, w]: a pooled tower's last layer needs no other query, MLP or projection. With
+    `lengths` ([B] int), only each row's first `lengths` tokens are attended to (the rest
+    is padding, e.g. NaFlex's padding patches)."""
     b, n, w = x.shape
     heads = lambda t: t.reshape(b, t.shape[1], self.heads, w // self.heads)
     # split (not slice) q, k, v: the gradient is then one concatenate, not three pads + adds
     q, k, v = jnp.split(self.qkv(self.ln_1(x)), 3, axis=-1)
     if pool is None:
-      attn = attention(heads(q), heads(k), heads(v), causal)
+      attn = attention(heads(q), heads(k), heads(v), causal, lengths)
     else:
       at = lambda t: jnp.take_along_axis(t, pool[:, None, None], axis=1)  # [B, 1, w]
       q, x = at(q), at(x)
       mask = (jnp.arange(n)[None, :] <= pool[:, None])[:, None, None, :] if causal else None
-      attn = jax.nn.dot_product_attention(heads(q), heads(k), heads(v), mask=mask)
+      attn = jax.nn.dot_product_attention(heads(q), heads(k), heads(v), mask=mask,
+                                          key_value_seq_lengths=lengths)
     x = x + self.out(attn.reshape(b, -1, w))
     h = self.fc(self.ln_2(x))
     h = ACTIVATIONS[self.activation](h)
@@ -93,8 +96,9 @@ def use_attention(implementation: str):
     _ATTENTION.pop()
 
 
-def attention(q, k, v, causal: bool):
-  """Softmax attention over [B, N, heads, head_dim]. XLA's implementation keeps the float32
+def attention(q, k, v, causal: bool, lengths=None):
+  """Softmax attention over [B, N, heads, head_dim]; `lengths` ([B] int, or None: all) are
+  the real keys of each row, a prefix. XLA's implementation keeps the float32
   probabilities [B, heads, N, N] of every layer for the backward pass (ViT-B-16: 412 MiB
   per device at 16 images); a fused kernel recomputes them blockwise instead. cuDNN's on
   GPU (16-bit inputs), the Pallas flash-attention kernel on TPU, XLA's on CPU (there the
@@ -102,23 +106,25 @@ def attention(q, k, v, causal: bool):
   mesh's (`sharding.platform`), so compiling for a TPU slice on a CPU host picks TPU's."""
   kind = sharding.platform() if _ATTENTION[-1] == "auto" else "xla"
   if kind == "tpu":
-    return _tpu_flash_attention(q, k, v, causal)
+    return _tpu_flash_attention(q, k, v, causal, lengths)
   if kind in ("gpu", "cuda") and q.dtype in (jnp.bfloat16, jnp.float16):
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
-  return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn",
+                                        key_value_seq_lengths=lengths)
+  return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths)
 
 
-def _tpu_flash_attention(q, k, v, causal, block=128):
+def _tpu_flash_attention(q, k, v, causal, lengths=None, block=128):
   """Pallas flash attention (jax.experimental.pallas.ops.tpu). Tokens are padded to a
-  multiple of the kernel's block; padding gets its own segment id, so real queries never
-  see it. A Pallas call is not split by XLA's partitioner: under a mesh it runs per batch
+  multiple of the kernel's block; padding (this and the caller's, past `lengths`) gets its
+  own segment id, so real queries never see it. A Pallas call is not split by XLA's partitioner: under a mesh it runs per batch
   shard in `jax.shard_map`."""
   from jax.experimental.pallas.ops.tpu import flash_attention as fa
   b, n, _, d = q.shape
   padded = -(-n // block) * block
   to_kernel = lambda t: jnp.pad(t, ((0, 0), (0, padded - n), (0, 0), (0, 0))).transpose(
       0, 2, 1, 3)  # [B, heads, padded, d]
-  segments = jnp.broadcast_to((jnp.arange(padded) < n).astype(jnp.int32), (b, padded))
+  real = jnp.full((b,), n) if lengths is None else jnp.minimum(lengths, n)
+  segments = (jnp.arange(padded)[None] < real[:, None]).astype(jnp.int32)
   sizes = fa.BlockSizes(
       block_q=block, block_k_major=block, block_k=block, block_b=1,
       block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block, block_q_dkv=block,
@@ -173,12 +179,14 @@ class Transformer(nnx.Module):
     states = [first] + [nnx.state(make()) for _ in range(layers - 1)]
     self.blocks = nnx.merge(graphdef, jax.tree.map(lambda *a: jnp.stack(a), *states))
 
-  def __call__(self, x, pool=None):
-    """All tokens' outputs, or with `pool` ([B] positions) only those, [B, w]."""
+  def __call__(self, x, pool=None, lengths=None):
+    """All tokens' outputs, or with `pool` ([B] positions) only those, [B, w]. `lengths`:
+    see Block."""
     graphdef, stacked = nnx.split(self.blocks)
 
     def layer(x, state, pool=None):  # each layer's output stays split over the batch
-      return sharding.constrain_batch(nnx.merge(graphdef, state)(x, self.causal, pool))
+      return sharding.constrain_batch(nnx.merge(graphdef, state)(x, self.causal, pool,
+                                                                 lengths))
 
     if self.remat:
       layer = jax.checkpoint(layer)

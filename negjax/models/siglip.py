@@ -1,4 +1,5 @@
-"""SigLIP (and fixed-resolution SigLIP 2) in Flax NNX, with Hugging Face / big_vision numerics.
+"""SigLIP and SigLIP 2 (fixed resolution and NaFlex) in Flax NNX, with Hugging Face / big_vision
+numerics.
 
 The towers are those of transformers' `SiglipModel` and big_vision's two-tower SigLIP:
 ViT without a class token (patch embedding with bias, learned positions), LayerNorm eps 1e-6,
@@ -13,11 +14,19 @@ Inputs are part of the model, as for any SigLIP: `model.tokenize(texts)` (the ch
 own SentencePiece or tokenizer.json file, padded to `context_length`) and
 `model.image_transforms` (resize to size x size, mean/std 0.5). The evaluator uses both.
 
+NaFlex (transformers' `Siglip2Model`): the processor resizes each image, keeping its aspect
+ratio, to a grid of at most `max_num_patches` patches and pads the patch sequence to exactly
+that many; the tower embeds the flattened patches with a linear layer, adds the learned
+position grid resized to the image's patch grid, and masks the padding patches as keys in
+every attention (blocks and MAP head). Every image thus has one static shape: a NaFlex
+model's input is a "patch sheet", a float32 [S, S, 3] array (S = `config.image_size`) whose
+flattened values are the padded patches followed by the patch grid (rows, cols) and zeros
+(`to_sheet`), so it travels through the evaluator's fixed-shape image batches unchanged.
+
 Supported checkpoints: Hugging Face `SiglipModel` folders (SigLIP, and the fixed-resolution
-SigLIP 2 releases, which are `SiglipModel`s with a Gemma tokenizer) and big_vision `.npz`
-two-tower SigLIP files. Refused: `Siglip2Model` (NaFlex) folders, whose processor picks a
-different patch grid per image aspect ratio (this module runs one square grid only), and
-vision towers without the MAP head.
+SigLIP 2 releases, which are `SiglipModel`s with a Gemma tokenizer), `Siglip2Model` (NaFlex)
+folders and big_vision `.npz` two-tower SigLIP files. Refused: vision towers without the MAP
+head.
 """
 import dataclasses
 import functools
@@ -61,6 +70,10 @@ class SigLIPConfig:
   eps: float = 1e-6
   # The tokenizer file (spiece.model / tokenizer.json) and its settings; None: no tokenizer.
   tokenizer_file: str | None = None
+  # NaFlex only (0 otherwise): patch slots per image (the processor's max_num_patches) and
+  # the side of the learned position grid; image_size is then the patch sheet's side.
+  max_num_patches: int = 0
+  position_grid: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   scan_layers: bool = False
@@ -72,7 +85,10 @@ class SigLIPConfig:
   @property
   def architecture(self) -> dict:
     names = [f.name for f in dataclasses.fields(self)]
-    return {n: getattr(self, n) for n in names[:names.index("eps") + 1]}
+    arch = {n: getattr(self, n) for n in names[:names.index("eps") + 1]}
+    if self.max_num_patches:
+      arch.update(max_num_patches=self.max_num_patches, position_grid=self.position_grid)
+    return arch
 
   def transformer(self, tower, causal, rngs):
     width, layers, heads, mlp = (getattr(self, f"{tower}_{k}")
@@ -83,12 +99,25 @@ class SigLIPConfig:
                        remat=self.remat, eps=self.eps)
 
 
+def sheet_side(max_num_patches, patch_size):
+  """The side S of a NaFlex patch sheet: the least with S * S * 3 >= the padded patches'
+  values (max_num_patches * patch_size**2 * 3) + the grid's 2."""
+  return math.isqrt(max_num_patches * patch_size ** 2) + 1
+
+
 def _siglip(image_size, patch, width, layers, heads, mlp, vocab=32000):
   """Both towers alike, as in the released SigLIP / SigLIP 2 (fixed resolution) models."""
   return SigLIPConfig(image_size=image_size, patch_size=patch, vision_width=width,
                       vision_layers=layers, vision_heads=heads, vision_mlp=mlp,
                       text_width=width, text_layers=layers, text_heads=heads, text_mlp=mlp,
                       embed_dim=width, vocab_size=vocab)
+
+
+def _naflex(patch, width, layers, heads, mlp, position_grid=16, max_num_patches=256):
+  """A NaFlex SigLIP 2 (Siglip2Model) with Gemma's vocabulary."""
+  return _siglip(sheet_side(max_num_patches, patch), patch, width, layers, heads, mlp,
+                 vocab=256000).replace(max_num_patches=max_num_patches,
+                                       position_grid=position_grid)
 
 
 # Released shapes (google/NAME on the Hugging Face hub; SigLIP 2's vocabulary is Gemma's 256k,
@@ -98,6 +127,7 @@ ARCHITECTURES = {
     "siglip-base-patch16-224": _siglip(224, 16, 768, 12, 12, 3072),
     "siglip-so400m-patch14-384": _siglip(384, 14, 1152, 27, 16, 4304),
     "siglip2-base-patch16-224": _siglip(224, 16, 768, 12, 12, 3072, vocab=256000),
+    "siglip2-base-patch16-naflex": _naflex(16, 768, 12, 12, 3072),
 
     "siglip-tiny": SigLIPConfig(image_size=32, patch_size=8, vision_width=64, vision_layers=2,
                                 vision_heads=2, vision_mlp=128, text_width=64, text_layers=2,
@@ -126,21 +156,26 @@ class MAPHead(nnx.Module):
     self.fc = _linear(w, c.vision_mlp, c, rngs, w ** -0.5)
     self.proj = _linear(c.vision_mlp, w, c, rngs, c.vision_mlp ** -0.5)
 
-  def __call__(self, x):
+  def __call__(self, x, lengths=None):
+    """[B, N, w] -> [B, w]; `lengths` ([B]): each row's real tokens, a prefix (None: all)."""
     b, n, w = x.shape
     split = lambda t: t.reshape(b, t.shape[1], self.heads, w // self.heads)
     q = self.q(jnp.broadcast_to(self.probe[...].astype(x.dtype), (b, 1, w)))
     k, v = jnp.split(self.kv(x), 2, axis=-1)
-    y = self.out(jax.nn.dot_product_attention(split(q), split(k), split(v)).reshape(b, w))
+    y = self.out(jax.nn.dot_product_attention(split(q), split(k), split(v),
+                                              key_value_seq_lengths=lengths).reshape(b, w))
     return y + self.proj(ACTIVATIONS[self.activation](self.fc(self.ln(y))))
 
 
 class VisionTower(nnx.Module):
-  """patches @ W + b + positions -> blocks -> LayerNorm -> MAP head."""
+  """patches @ W + b + positions -> blocks -> LayerNorm -> MAP head. NaFlex: the patches
+  and grid come from a patch sheet, the positions are resized to the grid and padding
+  patches are masked."""
 
   def __init__(self, c: SigLIPConfig, rngs: nnx.Rngs):
-    p, w, grid = c.patch_size, c.vision_width, c.image_size // c.patch_size
-    self.patch_size, self.dtype = p, c.dtype
+    p, w = c.patch_size, c.vision_width
+    grid = c.position_grid or c.image_size // c.patch_size
+    self.patch_size, self.dtype, self.max_num_patches = p, c.dtype, c.max_num_patches
     # The patch conv as a matmul over (row, col, channel)-flattened patches.
     self.patch_embed = _linear(p * p * 3, w, c, rngs, (p * p * 3) ** -0.5)
     self.positional_embedding = nnx.Param(
@@ -150,6 +185,12 @@ class VisionTower(nnx.Module):
     self.head = MAPHead(c, rngs)
 
   def __call__(self, images):
+    if self.max_num_patches:
+      patches, grid = from_sheet(images, self.max_num_patches, self.patch_size)
+      positions = resize_positions(self.positional_embedding[...], grid, self.max_num_patches)
+      x = self.patch_embed(patches.astype(self.dtype)) + positions.astype(self.dtype)
+      lengths = grid[:, 0] * grid[:, 1]
+      return self.head(self.ln_post(self.transformer(x, lengths=lengths)), lengths)
     p = self.patch_size
     b, h, w_img, ch = images.shape
     # a VALID conv drops the pixels past the last whole patch (So400m/14 at 384 px: 27 x 27)
@@ -199,7 +240,8 @@ class SigLIP(nnx.Module):
     self.logit_bias = nnx.Param(jnp.asarray(-10.0, config.param_dtype))
 
   def encode_image(self, images):
-    """float32 NHWC, preprocessed by `image_transforms` -> unnormalised [N, embed_dim]."""
+    """float32 NHWC, preprocessed by `image_transforms` (NaFlex: patch sheets) ->
+    unnormalised [N, embed_dim]."""
     images = jnp.asarray(images)
     size = self.config.image_size
     if images.ndim != 4 or images.shape[1:] != (size, size, 3):
@@ -240,7 +282,12 @@ class SigLIP(nnx.Module):
   @property
   def image_transforms(self):
     """(image preprocessing, video-frame preprocessing), functions of (input, size=): module
-    functions, so they pickle for Grain workers and compare equal across SigLIP models."""
+    functions (NaFlex: values), so they pickle for Grain workers and compare equal across
+    SigLIP models of equal settings."""
+    c = self.config
+    if c.max_num_patches:
+      naflex = NaFlexPreprocess(c.patch_size, c.max_num_patches)
+      return naflex, naflex
     return preprocess, preprocess_frame
 
 
@@ -259,18 +306,120 @@ def create(config: SigLIPConfig, seed: int = 0) -> SigLIP:
 
 def preprocess(image, size):
   """A PIL image (any mode) or uint8 array -> float32 [size, size, 3] in [-1, 1]."""
+  return _unit_range(_rgb(image).resize((size, size), Image.BICUBIC))
+
+
+def _rgb(image):
+  """A PIL RGB image of a PIL image (any mode) or uint8 array; transparency over white, as
+  transformers' convert_to_rgb."""
   if isinstance(image, np.ndarray):
     image = Image.fromarray(image)
-  if image.mode != "RGB":  # transformers' convert_to_rgb: transparency over white
+  if image.mode != "RGB":
     white = Image.new("RGBA", image.size, (255, 255, 255))
     image = Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-  image = image.resize((size, size), Image.BICUBIC)
+  return image
+
+
+def _unit_range(image):
+  """RGB uint8 -> float32 in [-1, 1]: rescale by 1/255, then mean = std = 0.5."""
   return np.asarray(image, np.float32) / np.float32(255) / np.float32(0.5) - np.float32(1)
 
 
 def preprocess_frame(frame, size):
   """A decoded RGB uint8 video frame -> float32 [size, size, 3], as `preprocess`."""
   return preprocess(np.asarray(frame, np.uint8), size)
+
+
+# ---------------------------------------------------------------------------------------
+# NaFlex images: transformers' Siglip2ImageProcessor (aspect-preserving PIL bilinear resize
+# to at most max_num_patches patches, rescale 1/255, mean = std = 0.5, patches in (row,
+# col, channel) order, padded with zero patches), packed into a patch sheet.
+# ---------------------------------------------------------------------------------------
+
+def naflex_size(height, width, patch_size, max_num_patches, eps=1e-5):
+  """Siglip2ImageProcessor's target (height, width): each side times the largest scale
+  (bisection on [eps / 10, 100] until the bracket is narrower than eps) for which the
+  sides, rounded up to whole patches (at least one), give at most max_num_patches."""
+  def side(scale, size):
+    return max(patch_size, math.ceil(size * scale / patch_size) * patch_size)
+
+  low, high = eps / 10, 100.0
+  while high - low >= eps:
+    scale = (low + high) / 2
+    if side(scale, height) // patch_size * (side(scale, width) // patch_size) <= max_num_patches:
+      low = scale
+    else:
+      high = scale
+  return side(low, height), side(low, width)
+
+
+def to_sheet(patches, grid, side):
+  """Padded patches [max_num_patches, p * p * 3] and their grid (rows, cols) -> the patch
+  sheet, float32 [side, side, 3]."""
+  out = np.zeros(side * side * 3, np.float32)
+  out[:patches.size] = np.asarray(patches, np.float32).reshape(-1)
+  out[patches.size:patches.size + 2] = grid
+  return out.reshape(side, side, 3)
+
+
+def from_sheet(sheets, max_num_patches, patch_size):
+  """Patch sheets [B, S, S, 3] -> (patches [B, max_num_patches, p * p * 3], grid [B, 2]
+  int32). A grid below 1 x 1 (an all-zero sheet: a padding or unreadable item in an
+  evaluation batch) is read as 1 x 1, so no row attends over nothing."""
+  b, size = sheets.shape[0], max_num_patches * patch_size ** 2 * 3
+  flat = sheets.reshape(b, -1)
+  patches = flat[:, :size].reshape(b, max_num_patches, -1)
+  grid = jnp.maximum(jnp.round(flat[:, size:size + 2]).astype(jnp.int32), 1)
+  return patches, grid
+
+
+def resize_positions(table, grid, length):
+  """The learned position grid (table [G * G, w]) resized to each image's patch grid
+  (grid [B, 2]) as transformers' Siglip2VisionEmbeddings does it, F.interpolate(bilinear,
+  antialias=True, align_corners=False) written as weights: along each axis, output index i
+  of n reads source j with weight max(0, 1 - |j - c| / max(G / n, 1)), c = (i + 0.5) G / n
+  - 0.5, normalised to sum 1. Laid out as the image's patches in row-major order, padded
+  to `length` slots with position (0, 0): float32 [B, length, w]."""
+  g = math.isqrt(table.shape[0])
+  sizes = grid.astype(jnp.float32)[:, None, :]  # [B, 1, 2]: rows, cols
+  slot = jnp.arange(length, dtype=jnp.float32)[None, :, None]
+  row = jnp.floor(slot / sizes[..., 1:])
+  index = jnp.concatenate([row, slot - row * sizes[..., 1:]], axis=-1)  # [B, length, 2]
+  index = jnp.where(slot < sizes.prod(-1, keepdims=True), index, 0)
+  scale = g / sizes
+  centre = (index + 0.5) * scale - 0.5
+  source = jnp.arange(g, dtype=jnp.float32)
+  weights = jnp.maximum(
+      1 - jnp.abs(source - centre[..., None]) / jnp.maximum(scale, 1)[..., None], 0)
+  weights = weights / weights.sum(-1, keepdims=True)  # [B, length, 2, G]
+  weights = (weights[:, :, 0, :, None] * weights[:, :, 1, None, :]).reshape(
+      grid.shape[0], length, g * g)
+  return weights @ table.astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class NaFlexPreprocess:
+  """A NaFlex model's image (and video-frame) preprocessing: a PIL image (any mode) or
+  uint8 array -> its patch sheet. Called as the evaluator calls `preprocess`, with
+  size = the sheet's side; a value, so models with equal settings compare equal and share
+  decoded images."""
+  patch_size: int
+  max_num_patches: int
+
+  def __call__(self, image, size):
+    p = self.patch_size
+    image = _rgb(image)
+    height, width = naflex_size(image.height, image.width, p, self.max_num_patches)
+    pixels = _unit_range(image.resize((width, height), Image.BILINEAR))
+    rows, cols = height // p, width // p
+    patches = pixels.reshape(rows, p, cols, p, 3).transpose(0, 2, 1, 3, 4).reshape(
+        rows * cols, -1)
+    padded = np.zeros((self.max_num_patches, patches.shape[1]), np.float32)
+    padded[:len(patches)] = patches
+    if size != sheet_side(self.max_num_patches, p):
+      raise ValueError(f"NaFlex preprocessing: size {size} is not this model's patch sheet "
+                       f"side {sheet_side(self.max_num_patches, p)} (config.image_size)")
+    return to_sheet(padded, (rows, cols), size)
 
 
 # ---------------------------------------------------------------------------------------
@@ -517,6 +666,8 @@ def state_dict(model: SigLIP) -> dict:
       return
     if transform == "T":
       x = x.T
+    elif transform == "conv" and c.max_num_patches:  # Siglip2's Linear [w, p * p * 3]
+      x = x.T
     elif transform == "conv":
       p = c.patch_size
       x = x.reshape(p, p, 3, -1).transpose(3, 2, 0, 1)
@@ -550,14 +701,8 @@ def _hf_config(path) -> tuple[str, SigLIPConfig]:
     kind, text, vision = cfg.get("model_type"), cfg["text_config"], cfg["vision_config"]
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise SigLIPError(f"{path}: not a readable SiglipModel config ({e})") from None
-  if kind == "siglip2":
-    raise SigLIPError(
-        f"{path}: a Siglip2Model (NaFlex) checkpoint; not supported: its processor picks a "
-        f"patch grid per image aspect ratio (up to max_num_patches), which negjax does not "
-        f"implement. The fixed-resolution SigLIP 2 releases (SiglipModel, e.g. "
-        f"google/siglip2-base-patch16-224) are supported")
-  if kind != "siglip":
-    raise SigLIPError(f"{path}: model_type {kind!r} is not 'siglip'")
+  if kind not in ("siglip", "siglip2"):
+    raise SigLIPError(f"{path}: model_type {kind!r} is neither 'siglip' nor 'siglip2'")
   # transformers' SiglipConfig defaults where a file leaves a field out
   v = lambda k, d: vision.get(k, d)
   t = lambda k, d: text.get(k, d)
@@ -573,9 +718,18 @@ def _hf_config(path) -> tuple[str, SigLIPConfig]:
   eps = {v("layer_norm_eps", 1e-6), t("layer_norm_eps", 1e-6)}
   if len(eps) != 1:
     raise SigLIPError(f"{path}: the towers have different layer_norm_eps {sorted(eps)}")
-  width = v("hidden_size", 768)
+  width, patch = v("hidden_size", 768), v("patch_size", 16)
+  image_size, naflex = v("image_size", 224), {}
+  if kind == "siglip2":
+    grid = math.isqrt(v("num_patches", 256))
+    if grid * grid != v("num_patches", 256):
+      raise SigLIPError(f"{path}: vision_config.num_patches {v('num_patches', 256)} is not a "
+                        f"square: the learned positions are a square grid")
+    slots = _max_num_patches(os.path.join(os.path.dirname(path), "preprocessor_config.json"))
+    naflex = dict(max_num_patches=slots, position_grid=grid)
+    image_size = sheet_side(slots, patch)
   return kind, SigLIPConfig(
-      image_size=v("image_size", 224), patch_size=v("patch_size", 16), vision_width=width,
+      **naflex, image_size=image_size, patch_size=patch, vision_width=width,
       vision_layers=v("num_hidden_layers", 12), vision_heads=v("num_attention_heads", 12),
       vision_mlp=v("intermediate_size", 3072), text_width=t("hidden_size", 768),
       text_layers=t("num_hidden_layers", 12), text_heads=t("num_attention_heads", 12),
@@ -583,6 +737,21 @@ def _hf_config(path) -> tuple[str, SigLIPConfig]:
       embed_dim=t("projection_size", None) or t("hidden_size", 768),
       context_length=t("max_position_embeddings", 64), vocab_size=t("vocab_size", 32000),
       eps=eps.pop())
+
+
+def _max_num_patches(path):
+  """The processor's max_num_patches from a NaFlex folder's preprocessor_config.json;
+  Siglip2ImageProcessor's default, 256, where the folder has no such file."""
+  if not os.path.exists(path):
+    return 256
+  try:
+    with open(path) as f:
+      value = json.load(f).get("max_num_patches", 256)
+  except (OSError, ValueError, AttributeError) as e:
+    raise SigLIPError(f"{path}: not a readable preprocessor config ({e})") from None
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise SigLIPError(f"{path}: max_num_patches {value!r} is not a positive integer")
+  return value
 
 
 def is_siglip(path) -> bool:
@@ -758,8 +927,10 @@ def from_big_vision(params: dict, source: str) -> dict:
 
 
 def hf_config_dict(c: SigLIPConfig) -> dict:
-  """The transformers SiglipConfig (as keyword arguments) of an architecture: for
-  reference models in tests and benchmarks."""
+  """The transformers SiglipConfig (Siglip2Config for NaFlex) as keyword arguments of an
+  architecture: for reference models in tests and benchmarks."""
+  vision = dict(image_size=c.image_size) if not c.max_num_patches else dict(
+      num_patches=c.position_grid ** 2)
   return dict(
       text_config=dict(hidden_size=c.text_width, intermediate_size=c.text_mlp,
                        num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads,
@@ -767,5 +938,4 @@ def hf_config_dict(c: SigLIPConfig) -> dict:
                        projection_size=c.embed_dim, layer_norm_eps=c.eps),
       vision_config=dict(hidden_size=c.vision_width, intermediate_size=c.vision_mlp,
                          num_hidden_layers=c.vision_layers, num_attention_heads=c.vision_heads,
-                         image_size=c.image_size, patch_size=c.patch_size,
-                         layer_norm_eps=c.eps))
+                         patch_size=c.patch_size, layer_norm_eps=c.eps, **vision))

@@ -1,0 +1,148 @@
+"""NaFlex SigLIP 2 (transformers' Siglip2Model) against transformers from the same random
+weights: preprocessing against Siglip2ImageProcessor on images of several aspect ratios,
+image / text features and logits, and the evaluator reading such a folder."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from negjax.models import siglip, weights
+from test_siglip import TOL, save_gemma_tokenizer, transformers  # noqa: F401 (fixture)
+
+torch = pytest.importorskip("torch")
+
+PATCH, SLOTS, LENGTH = 4, 24, 16  # patch side, max_num_patches, text positions
+# (height, width): landscape, portrait, square, tiny (upsampled), extreme (1-patch rows)
+SHAPES = ((40, 57), (64, 20), (30, 30), (7, 11), (12, 300))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, transformers):
+  """A random-init Siglip2Model (every tensor perturbed, so a misplaced parameter shows;
+  a 4 x 4 position grid), its processor with max_num_patches=24 and a Gemma-style
+  tokenizer, saved with save_pretrained: (folder, model, image processor, tokenizer)."""
+  folder = tmp_path_factory.mktemp("siglip2")
+  cfg = transformers.Siglip2Config(
+      text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, vocab_size=300, max_position_embeddings=LENGTH),
+      vision_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_patches=16, patch_size=PATCH))
+  torch.manual_seed(0)
+  model = transformers.Siglip2Model(cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.02)
+  model.save_pretrained(folder)
+  processor = transformers.Siglip2ImageProcessorPil(patch_size=PATCH, max_num_patches=SLOTS)
+  processor.save_pretrained(folder)
+  tokenizer = save_gemma_tokenizer(transformers, folder)
+  return str(folder), model, processor, tokenizer
+
+
+def images():
+  rng = np.random.default_rng(0)
+  return [Image.fromarray(rng.integers(0, 256, shape + (3,), dtype=np.uint8)) for shape in SHAPES]
+
+
+def test_preprocessing_matches_siglip2_image_processor(folder, transformers):
+  _, _, processor, _ = folder
+  ours = siglip.NaFlexPreprocess(PATCH, SLOTS)
+  side = siglip.sheet_side(SLOTS, PATCH)
+  fast = transformers.Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=SLOTS)
+  grids, fast_error = set(), 0.0
+  for image in images():
+    ref = processor(image, return_tensors="np")
+    grid = tuple(int(x) for x in ref["spatial_shapes"][0])
+    grids.add(grid)
+    patches, got = siglip.from_sheet(ours(image, size=side)[None], SLOTS, PATCH)
+    assert tuple(np.asarray(got[0])) == grid
+    assert ref["pixel_attention_mask"][0].sum() == grid[0] * grid[1]
+    np.testing.assert_allclose(np.asarray(patches[0]), ref["pixel_values"][0], rtol=0, atol=1e-5)
+    # the torchvision processor resizes with its own (antialiased bilinear) kernel
+    tv = fast(image, return_tensors="np")
+    assert tuple(tv["spatial_shapes"][0]) == grid
+    fast_error = max(fast_error, np.abs(np.asarray(patches[0]) - tv["pixel_values"][0]).max())
+  print(f"patch grids {sorted(grids)}; max abs difference to the torchvision processor "
+        f"{fast_error:.4f} (2/255 = {2 / 255:.4f} is one uint8 level)")
+  assert len({g[0] / g[1] for g in grids}) >= 4  # several aspect ratios, grids up and down
+  assert fast_error <= 2 / 255 + 1e-6
+
+
+def test_folder_matches_transformers(folder):
+  path, model, processor, tokenizer = folder
+  ours = weights.load_model(path)
+  c = ours.config
+  assert (c.max_num_patches, c.position_grid, c.image_size) == (SLOTS, 4, siglip.sheet_side(
+      SLOTS, PATCH))
+  from negjax import evaluate
+  enc = evaluate.Encoders(ours)  # the evaluator's jitted towers
+  ref = processor(images(), return_tensors="np")
+  texts = ["a photo of a dog", "no cat, no car", "", "big red chair without a table"]
+  ids = np.asarray(tokenizer(texts, padding="max_length", max_length=LENGTH,
+                             truncation=True)["input_ids"])
+  assert ours.tokenize(texts).tolist() == ids.tolist()
+  with torch.no_grad():
+    pixels = {k: torch.from_numpy(np.asarray(ref[k])) for k in
+              ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
+    t_ids = torch.from_numpy(ids).long()
+    img = model.get_image_features(**pixels).pooler_output.numpy()
+    txt = model.get_text_features(input_ids=t_ids).pooler_output.numpy()
+    logits = model(input_ids=t_ids, **pixels).logits_per_image.numpy()
+  # transformers' own patches, packed into sheets: the model alone
+  sheets = np.stack([siglip.to_sheet(p, g, c.image_size)
+                     for p, g in zip(ref["pixel_values"], ref["spatial_shapes"])])
+  # negjax's preprocessing: the whole image path
+  own = np.stack([ours.image_transforms[0](image, size=c.image_size) for image in images()])
+  errors = {"image": np.abs(np.asarray(enc.image(sheets)) - img).max(),
+            "image (own preprocessing)": np.abs(np.asarray(enc.image(own)) - img).max(),
+            "text": np.abs(np.asarray(enc.text(ids)) - txt).max(),
+            "logits": np.abs(np.asarray(ours(sheets, ids)[0]) - logits).max()}
+  print("max abs error:", errors)
+  assert max(errors.values()) <= TOL, errors
+  # a padding patch changes nothing: the mask, not zero pixels, keeps it out
+  noisy = sheets.copy().reshape(len(sheets), -1)
+  for row, (h, w) in enumerate(ref["spatial_shapes"]):
+    start = h * w * PATCH * PATCH * 3
+    noisy[row, start:SLOTS * PATCH * PATCH * 3] = 5.0
+  np.testing.assert_allclose(np.asarray(enc.image(noisy.reshape(sheets.shape))),
+                             np.asarray(enc.image(sheets)), rtol=0, atol=1e-6)
+  # export round trip: transformers' state dict back
+  sd = siglip.state_dict(ours)
+  theirs = {k: v.numpy() for k, v in model.state_dict().items() if "position_ids" not in k}
+  assert sorted(sd) == sorted(theirs)
+  for k in sd:
+    np.testing.assert_allclose(sd[k], theirs[k], rtol=0, atol=1e-7, err_msg=k)
+
+
+def test_evaluator_reads_files_of_any_aspect_ratio(folder, tmp_path):
+  from negjax import evaluate
+  model = weights.load_model(folder[0])
+  paths = []
+  for i, image in enumerate(images()):
+    paths.append(str(tmp_path / f"{i}.png"))
+    image.save(paths[-1])
+  feats, ok, skipped = evaluate.encode_media(evaluate.Encoders(model), paths, batch_size=2)
+  assert ok.all() and not skipped
+  want = model.encode_image(np.stack([model.image_transforms[0](Image.open(p),
+                                                                 size=model.config.image_size)
+                                      for p in paths]))
+  np.testing.assert_allclose(feats, np.asarray(want), rtol=0, atol=1e-5)
+
+
+def test_bad_naflex_config_is_refused(folder, tmp_path):
+  for name in os.listdir(folder[0]):
+    os.symlink(os.path.join(folder[0], name), tmp_path / name)
+  os.remove(tmp_path / "config.json")
+  cfg = json.load(open(os.path.join(folder[0], "config.json")))
+  cfg["vision_config"]["num_patches"] = 12
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(weights.CheckpointError, match="num_patches 12 is not a square"):
+    weights.load_model(str(tmp_path))
+  cfg["vision_config"]["num_patches"] = 16
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  os.remove(tmp_path / "preprocessor_config.json")
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps({"max_num_patches": 0}))
+  with pytest.raises(weights.CheckpointError, match="max_num_patches 0 is not a positive"):
+    weights.load_model(str(tmp_path))
