@@ -81,15 +81,18 @@ def encode_media(enc, paths, batch_size, frames=1, workers=0, desc=None):
   return result
 
 
-def encode_media_shared(encs, paths, batch_size, frames=1, workers=0, desc=None):
+def encode_media_shared(encs, paths, batch_size, frames=1, workers=0, desc=None, batches=None):
   """`encode_media` for several models that take the same input (equal `media_key`):
   each batch is decoded once and encoded by every model. Returns one result per model; a
-  model whose encoder raised gets that exception instead and is not run again."""
+  model whose encoder raised gets that exception instead and is not run again. `batches`:
+  (iterable, steps) of `eval_input.media_batches` for these paths, decoded already (the
+  leaderboard's cache)."""
   from tqdm import tqdm
   if len({enc.media_key for enc in encs}) != 1:
     raise ValueError(f"models take different inputs: {[enc.media_key for enc in encs]}")
-  batches, steps = eval_input.media_batches(paths, encs[0].image_size, batch_size, frames,
-                                            workers, getattr(encs[0], "transforms", None))
+  batches, steps = batches or eval_input.media_batches(
+      paths, encs[0].image_size, batch_size, frames, workers,
+      getattr(encs[0], "transforms", None))
   feats, failed = [[] for _ in encs], [None] * len(encs)
   index, status, skipped = [], [], []
   for batch in tqdm(batches, total=steps, desc=desc, leave=False, disable=desc is None):

@@ -9,8 +9,11 @@ or a file or folder `negjax.load_model` reads; ARCH where the file does not reco
 Every model is a single-checkpoint evaluation of its own (`negjax.evaluate.Workdir` in
 WORKDIR/models/NAME-HASH/: results.json with provenance, results.csv), so a rerun with one
 more model evaluates only that one, and a changed checkpoint or setting is refused there as
-in a single run. Models that take the same input (image size, preprocessing: `media_key`)
-share the reading of each file: every batch is decoded once and encoded by each of them.
+in a single run. Models are loaded, evaluated on every file and freed one at a time, so
+memory holds one model, never the sum. Models that take the same input (image size,
+preprocessing: `media_key`) still share the reading of each file: the first decodes each
+batch and keeps it in WORKDIR/media_cache-*/ (on disk: NegBench's COCO file at 224 px is
+~3 GB of float32 pixels), the others read it back; the cache is removed when the run ends.
 A model that cannot be loaded or evaluated gets its one-line error in the table; the others
 go on. A problem with the data (unreadable media past `max_skipped_fraction`) stops the run,
 as it would stop each single run.
@@ -22,15 +25,19 @@ Affirmation / Negation / Hybrid, per model and MCQ file) and leaderboard_retriev
 """
 import csv
 import dataclasses
+import gc
 import hashlib
 import os
 import re
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from negjax import atomic, cli, evaluate, metrics
+from negjax.data import eval_input
 
 # Short names of checkpoints that ship with negjax.
 PACKAGED = {"shapes": os.path.join(os.path.dirname(__file__), "assets",
@@ -92,14 +99,24 @@ def one_line(error, limit=300):
   return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def architecture_label(record, model):
+  """The table's architecture cell: the recorded name, a SigLIP's name (released, else
+  spelled from its shapes), else "custom" (a CLIP of shapes no named architecture has)."""
+  from negjax.models import siglip
+  if isinstance(record["architecture"], str):
+    return record["architecture"]
+  if isinstance(model, siglip.SigLIP):
+    return siglip.architecture_name(model.config)
+  return "custom"
+
+
 def _open(entry, c, paths):
   """Loads the model and opens its workdir; a failure is the entry's error."""
   from negjax.models import weights
   try:
     model = weights.load_model(entry.name, arch=entry.arch, dtype=jnp.dtype(c.dtype))
     record = evaluate.run_provenance(c, entry.name, entry.arch, model)
-    entry.architecture = (record["architecture"] if isinstance(record["architecture"], str)
-                          else "custom")
+    entry.architecture = architecture_label(record, model)
     entry.out = evaluate.Workdir(entry.folder)
     entry.out.start(record)
     entry.out.plan(paths)
@@ -109,45 +126,85 @@ def _open(entry, c, paths):
     print(f"{entry.label}: cannot be evaluated: {entry.error}", flush=True)
 
 
+class MediaCache:
+  """Decoded media batches by (media_key, file), on disk under `workdir`: the first model
+  of an input kind decodes a file's batches while it encodes them and keeps them; the next
+  models of that kind read them back instead of decoding. A pass that stops early (its
+  model failed) keeps nothing. `close` removes the files."""
+
+  def __init__(self, workdir):
+    self.root = tempfile.mkdtemp(prefix="media_cache-", dir=workdir)
+    self.stored = {}  # (media_key, file) -> [batch dicts, the image arrays as .npy paths]
+
+  def batches(self, key, enc, paths, batch_size, frames, workers, keep):
+    """(batches, steps) of eval_input.media_batches for this model's input; from the cache
+    when there, else decoded (and kept for later models if `keep`)."""
+    if key in self.stored:
+      stored = self.stored[key]
+      return ({**b, "image": np.load(b["image"])} for b in stored), len(stored)
+    batches, steps = eval_input.media_batches(paths, enc.image_size, batch_size, frames,
+                                              workers, enc.transforms)
+    return (self._keep(key, batches) if keep else batches), steps
+
+  def _keep(self, key, batches):
+    folder = tempfile.mkdtemp(dir=self.root)
+    stored = []
+    for i, batch in enumerate(batches):
+      path = os.path.join(folder, f"{i}.npy")
+      np.save(path, batch["image"])
+      stored.append({**batch, "image": path})
+      yield batch
+    self.stored[key] = stored  # only a pass that ran to the end is kept
+
+  def close(self):
+    shutil.rmtree(self.root, ignore_errors=True)
+
+
 def evaluate_models(entries, sets, c):
-  """Every entry on every dataset of `evaluate.read_files`, file by file; each model's
-  results land in its workdir. Models with equal `media_key` share one decode per file."""
-  groups = {}
-  for entry in entries:
-    if entry.error is None:
-      groups.setdefault(entry.enc.media_key, []).append(entry)
+  """Every entry on every dataset of `evaluate.read_files`, one model at a time: loaded,
+  run file by file (each file's results land in its workdir), freed before the next is
+  loaded. Decoded media are shared through a MediaCache."""
+  cache = MediaCache(c.workdir)
+  reported = set()  # a file's skips are the file's: said once
+  try:
+    for i, entry in enumerate(entries):
+      _open(entry, c, list(sets))
+      if entry.error is None:
+        _evaluate_model(entry, sets, c, cache, reported, later=i + 1 < len(entries))
+      entry.enc = None  # the model's weights go before the next model is loaded
+      gc.collect()
+  finally:
+    cache.close()
+
+
+def _evaluate_model(entry, sets, c, cache, reported, later):
   for path, ds in sets.items():
+    if entry.out.done(path, c.max_skipped_fraction):
+      continue
     frames = evaluate._frames(ds.paths)
-    reported = False  # skips are the file's: said once
-    for group in groups.values():
-      todo = [e for e in group if e.error is None
-              and not e.out.done(path, c.max_skipped_fraction)]
-      if not todo:
-        continue
-      media = evaluate.encode_media_shared(
-          [e.enc for e in todo], ds.paths, c.batch_size, frames, c.workers,
-          desc=f"{os.path.basename(path)} x {len(todo)} models")
-      skipped = next((m[2] for m in media if not isinstance(m, Exception)), None)
-      if skipped is not None:  # the data's problem, not a model's: stops the run
-        evaluate.check_skipped(path, len(ds.paths), skipped, c.max_skipped_fraction)
-      for entry, m in zip(todo, media):
-        key = entry.out.keys()[path]
-        try:
-          if isinstance(m, Exception):
-            raise m
-          result = evaluate.evaluate_set(entry.enc, ds, c.batch_size, c.workers, False,
-                                         c.max_skipped_fraction, c.tie_rule, media=m)
-        except Exception as e:  # noqa: BLE001 - this model stops, the others go on
-          entry.error = one_line(e)
-        if entry.error is not None:
-          print(f"{entry.label}: {key}: failed: {entry.error}", flush=True)
-          continue
-        if not reported:
-          evaluate._report(key, result)
-          reported = True
-        print(f"{entry.label}: {key}: " + ", ".join(
-            f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)), flush=True)
-        entry.out.add(path, len(ds.paths), result)
+    batches = cache.batches((entry.enc.media_key, path), entry.enc, ds.paths, c.batch_size,
+                            frames, c.workers, keep=later)
+    (media,) = evaluate.encode_media_shared(
+        [entry.enc], ds.paths, c.batch_size, frames, c.workers,
+        desc=f"{entry.label}: {os.path.basename(path)}", batches=batches)
+    if not isinstance(media, Exception):  # the data's problem, not a model's: stops the run
+      evaluate.check_skipped(path, len(ds.paths), media[2], c.max_skipped_fraction)
+    key = entry.out.keys()[path]
+    try:
+      if isinstance(media, Exception):
+        raise media
+      result = evaluate.evaluate_set(entry.enc, ds, c.batch_size, c.workers, False,
+                                     c.max_skipped_fraction, c.tie_rule, media=media)
+    except Exception as e:  # noqa: BLE001 - this model stops, the others go on
+      entry.error = one_line(e)
+      print(f"{entry.label}: {key}: failed: {entry.error}", flush=True)
+      return
+    if path not in reported:
+      evaluate._report(key, result)
+      reported.add(path)
+    print(f"{entry.label}: {key}: " + ", ".join(
+        f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)), flush=True)
+    entry.out.add(path, len(ds.paths), result)
 
 
 def table(entries, sets):
@@ -246,8 +303,7 @@ def plot(columns, rows, workdir):
 
 def run(c):
   """The leaderboard command (negjax.evaluate with `checkpoints`): every CSV checked, then
-  every model opened (a failure is its row's error), then file by file. Returns the
-  table: (columns, rows)."""
+  model by model (a failure is its row's error). Returns the table: (columns, rows)."""
   if jax.process_count() > 1:
     raise cli.UserError("the leaderboard runs in one process; on several hosts evaluate one "
                         "--config.checkpoint at a time")
@@ -263,8 +319,6 @@ def run(c):
     os.makedirs(os.path.join(c.workdir, "models"), exist_ok=True)
   except OSError as e:
     raise cli.UserError(f"workdir {c.workdir}: cannot write there: {e.strerror or e}") from e
-  for entry in entries:
-    _open(entry, c, list(sets))
   evaluate_models(entries, sets, c)
   columns, rows = table(entries, sets)
   write_csv(columns, rows, os.path.join(c.workdir, "leaderboard.csv"))

@@ -1,17 +1,22 @@
 """Leaderboard: several models on the shapes eval files in one run. Each row equals that
-model's own evaluation, images are decoded once per image size (not once per model), a
-model added later is the only one evaluated, and a model that fails is a row with its
-error while the others still get numbers."""
+model's own evaluation, models are in memory one at a time, images are decoded once per
+image size (not once per model), a model added later is the only one evaluated, a model
+that fails is a row with its error while the others still get numbers, and a SigLIP row
+names its architecture."""
 import csv
+import json
 import os
 import shutil
+import weakref
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from negjax import cli, evaluate, leaderboard
 from negjax.data import eval_input, make
-from negjax.models import clip, weights
+from negjax.models import clip, siglip, weights
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "negbench.py")
 BATCH = 16
@@ -54,6 +59,26 @@ class Counter:
     monkeypatch.setattr(evaluate, "encode_media_shared", counted_shared)
 
 
+class Resident:
+  """Wraps load_model: at each load, how many models loaded before still have their
+  weights in memory (one parameter array of each is watched)."""
+
+  def __init__(self, monkeypatch):
+    self.live, self.at_load = 0, []
+    load = weights.load_model
+
+    def watched(*args, **kwargs):
+      self.at_load.append(self.live)
+      model = load(*args, **kwargs)
+      self.live += 1
+      weakref.finalize(jax.tree.leaves(nnx.state(model, nnx.Param))[0], self._freed)
+      return model
+    monkeypatch.setattr(weights, "load_model", watched)
+
+  def _freed(self):
+    self.live -= 1
+
+
 @pytest.fixture(scope="module")
 def board(tmp_path_factory):
   """Shapes eval files, checkpoints (two random tiny models, one whose features overflow,
@@ -71,10 +96,11 @@ def board(tmp_path_factory):
   c = _config(checkpoints=",".join(labels), data_root=root, workdir=str(tmp / "board"),
               batch_size=BATCH)
   with pytest.MonkeyPatch.context() as mp:
-    counter = Counter(mp)
+    counter, resident = Counter(mp), Resident(mp)
     evaluate.run(c)
   sets = evaluate.read_files("", root)
   return dict(c=c, root=root, ckpts=ckpts, labels=labels, counter=counter, tmp=tmp,
+              resident=resident,
               images=sum(len(ds.paths) for ds in sets.values()), files=len(sets))
 
 
@@ -118,9 +144,16 @@ def test_images_are_decoded_once_per_image_size(board):
   # tiny models take 32 px, the shapes-CLIP 64 px: two decodes of each image, not five
   counter = board["counter"]
   assert counter.decodes == board["images"] * 2
-  # one shared encode per (file, size): the tiny models together, then the shapes-CLIP;
-  # the overflowing model fails on the first file and is not encoded again
-  assert counter.encodes == [3, 1] + [2, 1] * (board["files"] - 1)
+  # one model at a time: a, b and the shapes-CLIP on every file; the broken file never
+  # loads; the overflowing model fails on the first file and is not encoded again
+  assert counter.encodes == [1] * (3 * board["files"] + 1)
+  assert not [p for p in os.listdir(board["c"].workdir) if p.startswith("media_cache")]
+
+
+def test_one_model_in_memory_at_a_time(board):
+  # five loads (the broken file's fails inside load_model); before each, no earlier
+  # model's weights are still alive
+  assert board["resident"].at_load == [0] * len(board["labels"])
 
 
 def test_adding_a_model_evaluates_only_that_one(board, monkeypatch, tmp_path):
@@ -162,3 +195,33 @@ def test_checkpoint_names(tmp_path):
     leaderboard.parse_checkpoints("x.pt=", str(tmp_path))
   with pytest.raises(cli.UserError, match="not both"):
     evaluate.check_config(_config(checkpoint="x.pt", checkpoints="shapes"))
+
+
+def test_siglip_row_names_its_architecture(board, tmp_path):
+  """A SigLIP folder (written here without transformers: config.json, safetensors and a
+  word-level tokenizer.json) in a leaderboard: its row gets numbers and its architecture's
+  name, not "custom"."""
+  from safetensors.numpy import save_file
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  config = siglip.ARCHITECTURES["siglip-tiny"]
+  folder = tmp_path / "siglip_tiny"
+  folder.mkdir()
+  save_file(siglip.state_dict(siglip.create(config, seed=0)), str(folder / "model.safetensors"))
+  (folder / "config.json").write_text(json.dumps(
+      {"model_type": "siglip", **siglip.hf_config_dict(config)}))
+  words = ["<pad>", "<eos>", "<unk>", "a", "no", "circle", "square", "triangle", "red", "blue"]
+  tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.save(str(folder / "tokenizer.json"))
+  c = _config(checkpoints=f"{folder},shapes", data_root=board["root"],
+              workdir=str(tmp_path / "board"), batch_size=BATCH)
+  evaluate.run(c)
+  _, rows = _read(os.path.join(c.workdir, "leaderboard.csv"))
+  row = rows[str(folder)]
+  assert row["error"] == "" and row["shapes_val_mcq-total_accuracy"] != ""
+  assert row["architecture"] == "siglip-tiny"
+  # shapes no released model has are spelled out; released ones keep their names
+  other = config.replace(vision_layers=3)
+  assert siglip.architecture_name(other) == "siglip-w64-d3-p8-32"
+  for name in ("siglip-so400m-patch14-384", "siglip2-base-patch16-naflex"):
+    assert siglip.architecture_name(siglip.ARCHITECTURES[name]) == name

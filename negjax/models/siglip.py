@@ -136,6 +136,21 @@ ARCHITECTURES = {
 }
 
 
+def architecture_name(config: SigLIPConfig) -> str:
+  """The released name (ARCHITECTURES) whose shapes these are, else one spelled from the
+  shapes: FAMILY-wWIDTH-dDEPTH-pPATCH-SIZE, SIZE the image side or naflexN (patch slots);
+  FAMILY siglip2 for NaFlex or Gemma's 256k vocabulary."""
+  arch = config.architecture
+  for name, known in ARCHITECTURES.items():
+    if known.architecture == arch:
+      return name
+  family = "siglip2" if config.max_num_patches or config.vocab_size == 256000 else "siglip"
+  size = (f"naflex{config.max_num_patches}" if config.max_num_patches
+          else str(config.image_size))
+  return (f"{family}-w{config.vision_width}-d{config.vision_layers}-p{config.patch_size}"
+          f"-{size}")
+
+
 def _linear(din, dout, c, rngs, std):
   return nnx.Linear(din, dout, kernel_init=nnx.initializers.normal(std), dtype=c.dtype,
                     param_dtype=c.param_dtype, rngs=rngs)
