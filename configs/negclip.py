@@ -78,6 +78,7 @@ def get_config(preset: str = "shapes"):
   c.data.shapes.train_size = 12_000
   c.data.shapes.eval_size = 1_000
   c.data.captions = ("negcap", "affirmative")  # pools a step's caption is drawn from
+  c.data.retain_pool = "affirmative"  # distillation's captions (when loss.distill* > 0)
   c.data.text_length = 24  # tokens per caption (77 = CLIP's; shapes captions have <= 20)
   c.data.text_multiple = 8  # each batch's texts cut to its longest, rounded up to this (0: off)
   c.data.fresh_mcq = True  # draw a new MCQ from the record's objects at every visit
@@ -101,6 +102,13 @@ def get_config(preset: str = "shapes"):
   c.loss.mcq_weight = 0.5
   c.loss.mcq_normalize = True  # score MCQ options as the evaluator does (False: official)
   c.loss.l2_init = 0.0  # weight of the squared distance to the initial weights (retention)
+  # Distillation from the frozen initial model (negjax's own, learning without forgetting;
+  # negjax.retention.distill_terms): each row also draws a caption of data.retain_pool, and
+  # the loss adds `distill` x KL(teacher || student) of the image<->caption softmax over the
+  # batch and `distill_features` x the squared distance of the normalised image / caption
+  # features to the teacher's. Costs a teacher forward and a caption forward a step.
+  c.loss.distill = 0.0
+  c.loss.distill_features = 0.0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4

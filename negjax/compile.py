@@ -34,7 +34,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from negjax import atomic, cli, flops, sharding, train, train_step
+from negjax import atomic, cli, flops, retention, sharding, train, train_step
 from negjax.models import clip, layers
 
 GiB = 1 << 30
@@ -169,6 +169,8 @@ def abstract_batch(config, image_size):
            "mcq_ids": sds((b, MCQ_OPTIONS, n), jnp.int32), "mcq_answer": sds((b,), jnp.int32)}
   if two_streams(config):
     batch["mcq_image"] = image
+  if retention.distills(config.loss):  # a caption per row for distillation
+    batch["retain_ids"] = sds((b, n), jnp.int32)
   return batch
 
 
@@ -209,7 +211,7 @@ def compile_step(config, devices, chip: str, topology: str, mfu: float = 0.4) ->
   state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
            "opt_state": jax.eval_shape(tx.init, params)}
   batch = abstract_batch(config, model.config.image_size)
-  extra = {"initial": params} if config.loss.get("l2_init") else {}  # retention's anchor
+  extra = {"initial": params} if retention.needs_initial(config.loss) else {}  # anchor/teacher
   step = train_step.make_train_step(graphdef, tx, schedule, config.loss, mesh, shardings,
                                     **extra)
   n = len(devices)
@@ -233,12 +235,12 @@ def compile_step(config, devices, chip: str, topology: str, mfu: float = 0.4) ->
   try:
     with jax.set_mesh(mesh):
       compiled = step.lower(state, batch).compile()
-  except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory is an answer
-    oom = _out_of_memory(e)
   except NotImplementedError as e:  # a fused attention kernel refused these shapes
     raise cli.UserError(f"the step does not trace: {str(e).splitlines()[0]} (the trainer "
                         f"would fail the same way on this platform; --attention xla "
                         f"compiles XLA's attention instead)") from None
+  except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory is an answer
+    oom = _out_of_memory(e)
     if oom is None:
       raise
     out.update(oom, compile_s=time.perf_counter() - t0)

@@ -88,3 +88,30 @@ def mcq_loss(image_features, option_features, answer, scale, normalize=True):
     logits = scale * jnp.einsum("bd,bod->bo", image_features.astype(jnp.float32),
                                 option_features.astype(jnp.float32))
   return optax.softmax_cross_entropy_with_integer_labels(logits, answer).mean()
+
+
+def distill_loss(student_images, student_texts, teacher_images, teacher_texts, scale):
+  """Learning without forgetting on image-caption pairs: KL(teacher || student) of the
+  image->text and text->image softmax over the batch, averaged over rows and directions.
+
+  Both models' L2-normalised features are scored at one `scale` (the teacher's
+  temperature: the term matches the student's similarity structure to the teacher's, not
+  its sharpness). The teacher's features should come without gradients (stop_gradient);
+  float32 throughout. Zero exactly when the student's similarities equal the teacher's."""
+  def log_probs(images, texts):  # each device its own rows, as contrastive_loss
+    images, texts = l2_normalize(images), l2_normalize(texts)  # (float32)
+    return (jax.nn.log_softmax(sharding.constrain_batch(scale * images @ texts.T), axis=1),
+            jax.nn.log_softmax(sharding.constrain_batch(scale * texts @ images.T), axis=1))
+
+  def kl(log_p, log_q):  # rows of KL(p || q)
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=1)
+
+  teacher, student = (log_probs(teacher_images, teacher_texts),
+                      log_probs(student_images, student_texts))
+  return 0.5 * (kl(teacher[0], student[0]).mean() + kl(teacher[1], student[1]).mean())
+
+
+def feature_distance(student, teacher):
+  """Mean over rows of the squared distance between L2-normalised features, in float32
+  (0: same directions; 4: opposite)."""
+  return jnp.sum(jnp.square(l2_normalize(student) - l2_normalize(teacher)), axis=-1).mean()

@@ -8,6 +8,10 @@ zero-shot accuracy. Three levers, each a config option of `negjax.train`:
     negation-vs-retention frontier, and exports one alpha (`export_mix`: a number, or
     "auto": the best negation score whose retention loss is within `wise.max_retention_loss`).
   * an L2-to-init penalty on the towers during training (`loss.l2_init`, see `l2_to_init`).
+  * distillation from the frozen initial model on affirmative captions (learning without
+    forgetting; `loss.distill`, `loss.distill_features`, see `distill_terms`): each training
+    row also carries one caption of `data.retain_pool`, and the student keeps the teacher's
+    image<->caption similarities over the batch and/or its feature directions.
   * per-tower learning rates / freezing by parameter-name regex (`optim.lr_mults`,
     `optim.frozen`, see `negjax.train_step.make_optimizer`).
 
@@ -19,6 +23,8 @@ initial model's.
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from negjax import losses
 
 NEGATION_KEYS = ("negative_accuracy", "negated_retrieval_recall@5")
 RETENTION_KEYS = ("plain_image_retrieval_recall@5", "plain_text_retrieval_recall@5",
@@ -67,6 +73,57 @@ def parse_mix(value) -> float | str:
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"must be 'auto' or a number in [0, 1], got {value!r}")
   return alpha
+
+
+DISTILL_KEYS = ("distill", "distill_features")  # loss weights of distill_terms
+
+
+def needs_initial(loss_config) -> bool:
+  """Whether the step needs the initial parameters (the L2 anchor or the teacher)."""
+  return any(float(loss_config.get(k, 0.0) or 0.0) for k in ("l2_init",) + DISTILL_KEYS)
+
+
+def distills(loss_config) -> bool:
+  """Whether training rows must carry a retention caption (`retain_ids`)."""
+  return any(float(loss_config.get(k, 0.0) or 0.0) for k in DISTILL_KEYS)
+
+
+def check_config(config) -> list[str]:
+  """Problems of the distillation options (empty: none): weights >= 0, a known caption
+  pool, and records input (the two-stream sources have no affirmative captions)."""
+  problems = []
+  for key in DISTILL_KEYS:
+    value = config.loss.get(key, 0.0)
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and np.isfinite(value) and value >= 0):
+      problems.append(f"loss.{key} must be a finite number >= 0, got {value!r}")
+  if not problems and distills(config.loss):
+    pool = config.data.get("retain_pool", "")
+    if pool not in RETAIN_POOLS:
+      problems.append(f"data.retain_pool must be one of {', '.join(RETAIN_POOLS)} when "
+                      f"loss.distill or loss.distill_features > 0, got {pool!r}")
+    if config.data.get("source", "records") != "records":
+      problems.append(f"loss.distill / distill_features need data.source=records (rows with "
+                      f"affirmative captions), got {config.data.source!r}")
+  return problems
+
+
+RETAIN_POOLS = ("affirmative", "negcap")  # caption pools of a record (negjax.data.records)
+
+
+def distill_terms(student, teacher, student_images, pixels, retain_ids):
+  """The distillation terms of one batch: {"distill": KL of the image<->caption softmax
+  (losses.distill_loss), "distill_features": squared distance of the normalised image and
+  caption features, averaged over the two}. `teacher`: the initial model, whose forward
+  passes take no gradient; `student_images`: the student's features of `pixels`."""
+  teacher_images = jax.lax.stop_gradient(teacher.encode_image(pixels))
+  teacher_texts = jax.lax.stop_gradient(teacher.encode_text(retain_ids))
+  student_texts = student.encode_text(retain_ids)
+  scale = jax.lax.stop_gradient(teacher.temperature())
+  return {"distill": losses.distill_loss(student_images, student_texts, teacher_images,
+                                         teacher_texts, scale),
+          "distill_features": 0.5 * (losses.feature_distance(student_images, teacher_images)
+                                     + losses.feature_distance(student_texts, teacher_texts))}
 
 
 def l2_to_init(params, initial):

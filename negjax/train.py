@@ -173,6 +173,8 @@ def train(config):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.CRITICAL)  # Orbax's chatter; errors reach us
   train_config.validate(config)  # before anything slow: a typo costs seconds, not a build
+  if problems := retention.check_config(config):
+    raise cli.UserError("config: " + "; ".join(problems))
   sharding.initialize_distributed()
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -195,7 +197,8 @@ def train(config):
   model = load_initial_model(config.model)
   train_iter = train_input.make_iterator(
       data.train_dir, config.data, config.batch_size, config.seed,
-      image_size=model.config.image_size)
+      image_size=model.config.image_size,
+      retain_pool=config.data.retain_pool if retention.distills(config.loss) else None)
 
   # ------------------------------------------------------ model + optimizer
   graphdef, params = nnx.split(model, nnx.Param)
@@ -241,7 +244,7 @@ def train(config):
 
   # ------------------------------------------------------------- train
   anchor = (jax.device_put(initial, state_shardings["params"])
-            if config.loss.get("l2_init") else None)  # for the L2-to-init penalty
+            if retention.needs_initial(config.loss) else None)  # L2 anchor / teacher
   step_fn = train_step.make_train_step(graphdef, tx, schedule, config.loss, mesh,
                                        state_shardings, anchor)
   previous = None  # the previous step's metrics, read one step late so the host never waits

@@ -100,10 +100,12 @@ def normalize_images(images_uint8, dtype=jnp.float32):
 
 
 def loss_fn(params, graphdef, batch, contrastive_weight, mcq_weight, l2_init=0.0,
-            initial=None, mcq_normalize=True, kind="softmax"):
+            initial=None, mcq_normalize=True, kind="softmax", distill=0.0,
+            distill_features=0.0):
   """Weighted image-text loss (`kind`: "softmax" contrastive or "sigmoid", see
   losses.image_text_loss) + MCQ loss (+ `l2_init` times the squared distance of the
-  weights to `initial`, see `negjax.retention`).
+  weights to `initial`; + `distill` / `distill_features` times the distillation terms of
+  the batch's `retain_ids` captions, the teacher being `initial`: see `negjax.retention`).
 
   A batch is one image per row (image, caption_ids, mcq_ids, mcq_answer), or two streams
   (train_input: official NegFull): caption rows (image, caption_ids) and MCQ rows of other
@@ -114,7 +116,8 @@ def loss_fn(params, graphdef, batch, contrastive_weight, mcq_weight, l2_init=0.0
   images = None
   contrastive = jnp.zeros((), jnp.float32)
   if "caption_ids" in batch:
-    images = model.encode_image(normalize_images(batch["image"]))
+    pixels = normalize_images(batch["image"])
+    images = model.encode_image(pixels)
     caption_features = model.encode_text(batch["caption_ids"])
     bias = model.bias() if hasattr(model, "bias") else None  # SigLIP's learned logit bias
     contrastive = losses.image_text_loss(kind, images, caption_features, scale, bias)
@@ -132,6 +135,10 @@ def loss_fn(params, graphdef, batch, contrastive_weight, mcq_weight, l2_init=0.0
   if l2_init:
     extra["l2_to_init"] = retention.l2_to_init(params, initial)
     total = total + l2_init * extra["l2_to_init"]
+  if distill or distill_features:
+    teacher = nnx.merge(graphdef, jax.lax.stop_gradient(initial))
+    extra.update(retention.distill_terms(model, teacher, images, pixels, batch["retain_ids"]))
+    total = total + distill * extra["distill"] + distill_features * extra["distill_features"]
   return total, {"loss": total, "contrastive_loss": contrastive, "mcq_loss": mcq,
                  "logit_scale": scale, **extra}
 
@@ -163,11 +170,13 @@ def make_train_step(graphdef, tx, schedule, loss_config, mesh, state_shardings,
   """The jitted step. It is traced under `mesh` (`use_abstract_mesh`), so the model's
   activation constraints (`sharding.constrain_batch`) and platform kernels see it.
   `initial`: the starting parameters, placed like the state's; needed (and only passed
-  to the step) when loss_config.l2_init > 0."""
-  l2_init = float(loss_config.get("l2_init", 0.0) or 0.0)
-  if l2_init and initial is None:
-    raise ValueError("loss.l2_init > 0 needs the initial parameters")
-  initial = initial if l2_init else None
+  to the step) when loss_config.l2_init, distill or distill_features > 0."""
+  weight = lambda key: float(loss_config.get(key, 0.0) or 0.0)
+  l2_init, distill, distill_features = (weight(k) for k in ("l2_init",) + retention.DISTILL_KEYS)
+  if retention.needs_initial(loss_config) and initial is None:
+    raise ValueError("loss.l2_init / distill / distill_features > 0 need the initial "
+                     "parameters")
+  initial = initial if retention.needs_initial(loss_config) else None
 
   def step(state, batch, initial):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -178,7 +187,8 @@ def make_train_step(graphdef, tx, schedule, loss_config, mesh, state_shardings,
     (_, metrics), grads = grad_fn(state["params"], graphdef, batch,
                                   loss_config.contrastive_weight, loss_config.mcq_weight,
                                   l2_init, initial, loss_config.get("mcq_normalize", True),
-                                  loss_config.get("kind", "softmax"))
+                                  loss_config.get("kind", "softmax"), distill,
+                                  distill_features)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = clamp_logit_scale(optax.apply_updates(state["params"], updates))
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))

@@ -57,10 +57,15 @@ class TrainingExample(grain.transforms.RandomMap):
 
   With `fresh_mcq`, the MCQ is drawn anew from the record's present and absent objects at
   every visit (the data engine's own `captions.mcq`, true-option types weighted by
-  `mcq_answer_weights`) instead of the stored one: more distinct questions per image."""
+  `mcq_answer_weights`) instead of the stored one: more distinct questions per image.
+  With `retain_pool` (e.g. "affirmative"), also `retain_ids`: one caption of that pool,
+  drawn last (the other draws are those of a run without it), for distillation
+  (negjax.retention.distill_terms)."""
 
-  def __init__(self, pools, text_length, image_size, fresh_mcq=False, mcq_answer_weights=None):
+  def __init__(self, pools, text_length, image_size, fresh_mcq=False, mcq_answer_weights=None,
+               retain_pool=None):
     self.pools = tuple(pools)
+    self.retain_pool = retain_pool
     self.text_length = text_length
     self.image_size = image_size
     self.fresh_mcq = fresh_mcq
@@ -79,28 +84,37 @@ class TrainingExample(grain.transforms.RandomMap):
       options = [o.text for o in drawn]
     else:
       options, answer = list(example["mcq_options"]), example["mcq_answer"]
-    return {
+    out = {
         "image": image,
         "caption_ids": tokenize([caption], self.text_length)[0],
         "mcq_ids": tokenize(options, self.text_length),
         "mcq_answer": np.int32(answer),
     }
+    if self.retain_pool:
+      retained = example[self.retain_pool]
+      out["retain_ids"] = tokenize([retained[rng.integers(len(retained))]], self.text_length)[0]
+    return out
 
 
 SOURCES = ("records", "official_csv", "webdataset", "converted")
 
 
-def make_iterator(train_dir, data_config, global_batch_size, seed, image_size, process=None):
+def make_iterator(train_dir, data_config, global_batch_size, seed, image_size, process=None,
+                  retain_pool=None):
   """A checkpointable iterator of this process's share of each global batch.
 
   `data_config.source` (default "records") picks the input: negjax records at `train_dir`
-  (one row per image: image, caption, MCQ), or a caption stream and/or an MCQ stream of
-  other images (`official_csv`, `webdataset`, `converted`; see `streams`). `process`:
-  (index, count), default JAX's."""
+  (one row per image: image, caption, MCQ, and with `retain_pool` a caption of that pool
+  as `retain_ids`), or a caption stream and/or an MCQ stream of other images
+  (`official_csv`, `webdataset`, `converted`; see `streams`). `process`: (index, count),
+  default JAX's."""
   index, count = process or (jax.process_index(), jax.process_count())
   source = data_config.get("source", "records")
+  if retain_pool and source != "records":
+    raise ValueError(f"retention captions (retain_pool={retain_pool!r}) need data.source="
+                     f"records, got {source!r}")
   if source == "records":
-    ds = _records_dataset(train_dir, data_config, seed, image_size)
+    ds = _records_dataset(train_dir, data_config, seed, image_size, retain_pool)
   elif source in SOURCES:
     ds = _two_streams(*streams(data_config, image_size), data_config.text_length, seed)
   else:
@@ -115,13 +129,14 @@ def make_iterator(train_dir, data_config, global_batch_size, seed, image_size, p
   return iter(it)
 
 
-def _records_dataset(train_dir, data_config, seed, image_size):
+def _records_dataset(train_dir, data_config, seed, image_size, retain_pool=None):
   ds = grain.MapDataset.source(records.training_source(train_dir)).shuffle(seed=seed).repeat()
   fresh, weights = data_config.get("fresh_mcq", False), data_config.get("mcq_answer_weights")
   if weights and not fresh:
     raise ValueError("data.mcq_answer_weights applies to drawn MCQs: set data.fresh_mcq=True")
   return ds.random_map(TrainingExample(data_config.captions, data_config.text_length,
-                                       image_size, fresh, tuple(weights) if weights else None),
+                                       image_size, fresh, tuple(weights) if weights else None,
+                                       retain_pool),
                        seed=seed)
 
 
@@ -218,7 +233,7 @@ def _two_streams(captions_, mcq, text_length, seed):
   return parts[0] if len(parts) == 1 else parts[0].map_with_index(_Zip(parts[1]))
 
 
-TEXT_FIELDS = ("caption_ids", "mcq_ids")
+TEXT_FIELDS = ("caption_ids", "mcq_ids", "retain_ids")
 
 
 def trim_text(batch, multiple):
