@@ -8,10 +8,11 @@ Measures the Grain training input exactly as the trainer builds it
 4-option MCQ, 77-token texts) over ArrayRecord shards of 224 px images, in process:
 record decode (proto + zlib) + per-example map + tokenisation of 1 caption and 4 options +
 batching, as samples per CPU-second (a rate that other users of a shared machine do not
-distort). Then, for each fitting point of benchmarks/aot.py's results (`negjax.compile`),
-the chip's consumption at the predicted step time (per-device batch / step time at --mfu)
-and the host cores per chip that 2x that consumption needs, against the cores per chip of
-that machine's host (`negjax.compile.CHIPS`). Records hold images at the model's size
+distort), in this one process (Grain workers off). Then, for each model and target with a
+fitting point in benchmarks/aot.py's results (`negjax.compile`), the chip's consumption at
+the predicted step time (per-device batch / step time at --mfu) and the host cores per chip
+that 2x that consumption needs, against the vCPUs per chip of that machine's host
+(`negjax.compile.CHIPS`). Records hold images at the model's size
 (the data engine and `negjax.data.convert` resize once, at build time), so no resize runs
 per step.
 """
@@ -45,6 +46,8 @@ def per_core_rate(n_records, batches, batch_size=32, train_dir=None):
       train_dir = os.path.join(tmp, "train")
     data = negclip.get_config("paper").data
     data.source = "records"  # NegFull records: each image with its caption and its MCQ
+    data.workers = 0  # in this process, so its CPU time is all the input's work (the
+    # preset's Grain workers would spend theirs outside process_time)
     it = train_input.make_iterator(train_dir, data, batch_size, 0, 224, process=(0, 1))
     next(it)  # opening, indexing
     t, cpu = time.perf_counter(), time.process_time()
@@ -74,23 +77,23 @@ def main():
     return
   with open(args.aot) as f:
     points = [json.loads(l) for l in f]
-  best = {}  # (arch, target, remat, mesh) -> the largest fitting batch's figures
+  best = {}  # (arch, target) -> its largest fitting batch's figures; a chip's consumption
+  # per second (per-device batch / step time) does not depend on the batch, remat or mesh
   for r in points:
     if r.get("fits") and "step_time_at_peak_s" in r:
-      k = tuple(r["key"].split("|")[:4])
+      k = tuple(r["key"].split("|")[:2])
       if k not in best or r["batch_size"] > best[k]["batch_size"]:
         best[k] = r
-  print(f"| model | target | remat | mesh | batch | step at {args.mfu:.0%} MFU | "
-        f"samples/s per chip | cores/chip for 2x | host cores/chip | ok |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
-  for (arch, target, remat, mesh), r in sorted(best.items()):
+  print(f"| model | target | largest fit | step at {args.mfu:.0%} MFU | samples/s per chip | "
+        f"cores/chip for 2x | host cores/chip | ok |")
+  print("|---|---|---|---|---|---|---|---|")
+  for (arch, target), r in sorted(best.items()):
     step = r["step_time_at_peak_s"] / args.mfu
     per_chip = r.get("images_per_step", r["batch_size"]) / r["devices"] / step
     need = 2 * per_chip / core
     have = aot.CHIPS[r["chip"]]["host_cores_per_chip"]
-    print(f"| {arch} | {target} | {remat.split('=')[1]} | {mesh} | {r['batch_size']} | "
-          f"{step * 1e3:.0f} ms | {per_chip:.0f} | {need:.1f} | {have} | "
-          f"{'yes' if need <= have else 'NO'} |")
+    print(f"| {arch} | {target} | {r['batch_size']} | {step * 1e3:.0f} ms | {per_chip:.0f} | "
+          f"{need:.1f} | {have} | {'yes' if need <= have else 'NO'} |")
 
 
 if __name__ == "__main__":
