@@ -17,10 +17,10 @@ step time at the chip's peak and at --mfu.
 
 Topology names are libtpu's `gen:XxY[xZ]`: v5e:16x16 = v5e-256, v5p:4x4x4 = v5p-128 (64
 chips), v6e:16x16 = v6e-256, v4:4x4x4 = v4-128. GPUs (`pip install -e '.[gpu]'`, then
-`JAX_PLATFORMS=cpu`, `XLA_FLAGS=--xla_gpu_enable_triton_gemm=false`): `--gpu h200 --gpus 8
---gpu_target_config h200.txtpb`, a GpuTargetConfigProto text the installed jaxlib's XLA
-parses (see `gpu_devices` for where to get one); the GPU compiler gives memory but no FLOP
-count. A program that does not fit a TPU's HBM fails to
+`JAX_PLATFORMS=cpu`): `--gpu h200 --gpus 8 --gpu_target_config h200.txtpb`, a
+GpuTargetConfigProto text the installed jaxlib's XLA parses (see `gpu_devices` for where to
+get one); Triton GEMMs are turned off (deviceless, XLA cannot autotune them); the GPU
+compiler gives memory but no FLOP count. A program that does not fit a TPU's HBM fails to
 compile: that is reported as `fits: false` with the compiler's figure.
 """
 import json
@@ -315,6 +315,11 @@ def main(argv):
   if bool(_TOPOLOGY.value) == bool(_GPU.value):
     raise cli.UserError("give one of --topology (TPU) or --gpu h100|h200")
   if _GPU.value:
+    # compile-only, XLA:GPU picks Triton GEMM tiles without autotuning and some do not
+    # compile ("Couldn't find output tile sizes"): cuBLAS GEMMs unless the user chose
+    if "xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                 + " --xla_gpu_enable_triton_gemm=false").strip()
     devices = gpu_devices(_GPU_SPEC.value, _GPUS.value, _NODES.value)
     chip, topology = _GPU.value, f"{_NODES.value}x{_GPUS.value} {_GPU.value}"
   else:
