@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from negjax.models import clip, weights
+from negjax.models import clip, layers, weights
 from negjax.reference import open_clip
 
 import encode_siglip  # benchmarks/encode_siglip.py: SigLIP vs transformers
@@ -103,14 +103,21 @@ def main():
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--attention", default="auto", choices=["auto", "xla"],
+                      help="negjax's attention (layers.use_attention); xla: "
+                           "jax.nn.dot_product_attention on CPU at any length")
   args = parser.parse_args()
+  with layers.use_attention(args.attention):
+    run(args)
 
+
+def run(args):
   import torch
   torch.set_num_threads(args.threads)
   b = args.batch
   print(f"batch {b}, negjax {args.dtype} vs reference float32, {args.threads} torch threads, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}, "
-        f"best of {args.rounds} interleaved rounds of {args.iters}")
+        f"best of {args.rounds} interleaved rounds of {args.iters}, attention {args.attention}")
   print(f"{'model':34s} {'images/s':>9s} {'ref':>9s} {'ratio':>6s}  "
         f"{'texts/s':>9s} {'ref':>9s} {'ratio':>6s}  reference")
   for name in args.models.split(","):
