@@ -104,7 +104,8 @@ def check_config(config) -> list[str]:
                       f"loss.distill or loss.distill_features > 0, got {pool!r}")
     if config.data.get("source", "records") != "records":
       problems.append(f"loss.distill / distill_features need data.source=records (rows with "
-                      f"affirmative captions), got {config.data.source!r}")
+                      f"affirmative captions), got {config.data.source!r}: set "
+                      f"--config.loss.distill=0 --config.loss.distill_features=0")
   return problems
 
 
