@@ -184,8 +184,9 @@ def main():
   print("Per-device GiB. largest fit: the largest global batch of the grid that compiles "
         "within HBM (\"A to < B\": B refused, between not measured); peak / temp there: the "
         "compiler's peak and temporaries at it; batch columns: the peak at that batch; OOM: "
-        "the temporaries the compiler asked for when it refused the program; timeout: no "
-        "answer within --timeout; blank: not compiled.\n")
+        "on TPU the temporaries the compiler asked for when it refused the program, on GPU "
+        "the compiled peak over HBM; timeout: no answer within --timeout; blank: not "
+        "compiled.\n")
   print(table(results))
 
 
