@@ -1,6 +1,7 @@
-"""The CPU attention loop (layers._cpu_attention, used from CPU_LOOP_TOKENS tokens on)
-against jax.nn.dot_product_attention: plain, causal, with key lengths, and per batch shard
-under a mesh that splits the batch."""
+"""negjax's attention paths against jax.nn.dot_product_attention: the CPU loop
+(layers._cpu_attention, used from CPU_LOOP_TOKENS tokens on) plain, causal, with key
+lengths (NaFlex's padding patches) and per batch shard under a mesh; the TPU flash kernel
+(Pallas's interpreter on CPU) with key lengths."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,3 +48,15 @@ def test_loop_runs_per_batch_shard_under_a_mesh():
   assert "shard_map" in text or "sdy.manual_computation" in text
   want = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-6)
+
+
+def test_tpu_flash_attention_masks_key_lengths():
+  from jax.experimental.pallas import tpu as pltpu
+  q, k, v = (x[:2, :17] for x in inputs())
+  lengths = jnp.asarray([5, 17])
+  with pltpu.force_tpu_interpret_mode():
+    got = layers._tpu_flash_attention(q, k, v, False, lengths)
+  want = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths)
+  # padding queries (past a row's length) see only padding there: compare the real ones
+  np.testing.assert_allclose(np.asarray(got[0, :5]), np.asarray(want[0, :5]), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=1e-5)
