@@ -108,6 +108,9 @@ def test_folder_matches_transformers(folder):
     noisy[row, start:SLOTS * PATCH * PATCH * 3] = 5.0
   np.testing.assert_allclose(np.asarray(enc.image(noisy.reshape(sheets.shape))),
                              np.asarray(enc.image(sheets)), rtol=0, atol=1e-6)
+  # a plain image is not a patch sheet: refused, not read as one
+  with pytest.raises(ValueError, match="image 1 is not a NaFlex patch sheet"):
+    ours.encode_image(np.concatenate([sheets[:1], np.ones_like(sheets[:1])]))
   # export round trip: transformers' state dict back
   sd = siglip.state_dict(ours)
   theirs = {k: v.numpy() for k, v in model.state_dict().items() if "position_ids" not in k}

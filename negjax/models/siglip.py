@@ -262,6 +262,8 @@ class SigLIP(nnx.Module):
     if images.ndim != 4 or images.shape[1:] != (size, size, 3):
       raise ValueError(f"encode_image: got images of shape {tuple(images.shape)}; this model "
                        f"takes [N, {size}, {size}, 3] (model.image_transforms)")
+    if self.config.max_num_patches and not isinstance(images, jax.core.Tracer):
+      check_sheets(images, self.config)
     return self.visual(images).astype(jnp.float32)
 
   def encode_text(self, ids):
@@ -386,6 +388,23 @@ def from_sheet(sheets, max_num_patches, patch_size):
   patches = flat[:, :size].reshape(b, max_num_patches, -1)
   grid = jnp.maximum(jnp.round(flat[:, size:size + 2]).astype(jnp.int32), 1)
   return patches, grid
+
+
+def check_sheets(sheets, config):
+  """Refuses arrays that are not patch sheets (e.g. plain images given to a NaFlex model):
+  each grid must be whole numbers with 1 <= rows * cols <= max_num_patches and the values
+  after it zero. All-zero sheets (evaluation padding) pass."""
+  n, p = config.max_num_patches, config.patch_size
+  flat = np.asarray(sheets).reshape(len(sheets), -1)
+  grid, tail = flat[:, n * p * p * 3:n * p * p * 3 + 2], flat[:, n * p * p * 3 + 2:]
+  blank = ~flat.any(axis=1)
+  bad = ~blank & ((grid != np.round(grid)).any(1) | (grid < 1).any(1)
+                  | (grid.prod(1) > n) | tail.any(1))
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise ValueError(f"encode_image: image {i} is not a NaFlex patch sheet (grid "
+                     f"{grid[i].tolist()}, max_num_patches {n}); make inputs with "
+                     f"model.image_transforms or siglip.to_sheet")
 
 
 def resize_positions(table, grid, length):
