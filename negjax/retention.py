@@ -1,7 +1,7 @@
 """Keeping what the model knew while it learns negation.
 
 Fine-tuning a CLIP on negated captions lifts negation and lowers plain retrieval and
-zero-shot accuracy. Three levers, each a config option of `negjax.train`:
+zero-shot accuracy. Four levers, each a config option of `negjax.train`:
 
   * WiSE-FT (Wortsman et al. 2022): the weights (1 - alpha) * initial + alpha * fine-tuned.
     After training the trainer evaluates a sweep of alphas (`wise.alphas`), draws the
