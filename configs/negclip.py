@@ -27,7 +27,9 @@ the earlier demo) the same run keeps negation (0.47-0.53 MCQ, 0.28-0.29 negated 
 loses 13-15 points of plain R@5 and 4 of zero-shot. At 300 steps the feature term moves the
 frontier: distill_features 0 / 1 / 10 (distill 0 / 1 / 1) give negation MCQ 0.414 / 0.389 /
 0.149, negated R@5 0.159 / 0.190 / 0.160, plain R@5 0.658 / 0.782 / 0.836 (images) and
-0.586 / 0.681 / 0.777 (texts), zero-shot 0.367 / 0.426 / 0.439.
+0.586 / 0.681 / 0.777 (texts), zero-shot 0.367 / 0.426 / 0.439. At 1000 steps
+distill_features=2 (seed 0) comes no closer: negation MCQ 0.471, negated R@5 0.265, plain
+R@5 0.830 / 0.740, zero-shot 0.463.
 
 After training the demo evaluates WiSE-FT mixes (1-a)*initial + a*fine-tuned (wise.alphas,
 negjax.retention) and prints the frontier; measured (seed 0):
