@@ -111,9 +111,24 @@ def attention(q, k, v, causal: bool, lengths=None):
   if kind == "cpu" and q.shape[1] >= CPU_LOOP_TOKENS:
     return _cpu_attention(q, k, v, causal, lengths)
   if kind in ("gpu", "cuda") and q.dtype in (jnp.bfloat16, jnp.float16):
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn",
-                                        key_value_seq_lengths=lengths)
+    return _cudnn_attention(q, k, v, causal, lengths)
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths)
+
+
+def _cudnn_attention(q, k, v, causal, lengths=None, implementation="cudnn"):
+  """cuDNN's fused attention. Its training kernel (jax 0.10.2) refuses an odd token count
+  (ViT-B-16's 197, CLIP's 77 text tokens) at trace time, so tokens are padded to an even
+  count, the padded keys masked through `lengths` and the padded queries sliced off.
+  `implementation` is a parameter so the padding can be checked on CPU with "xla"."""
+  b, n = q.shape[:2]
+  if n % 2:
+    pad = lambda t: jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    q, k, v = pad(q), pad(k), pad(v)
+    lengths = (jnp.full((b,), n, jnp.int32) if lengths is None
+               else jnp.minimum(lengths, n).astype(jnp.int32))
+  out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation,
+                                     key_value_seq_lengths=lengths)
+  return out[:, :n]
 
 
 def _tpu_flash_attention(q, k, v, causal, lengths=None, block=128):
