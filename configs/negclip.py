@@ -11,10 +11,11 @@ configs/shapes_clip.py), evaluates it on the shapes NegBench files, fine-tunes i
 shapes NegFull (NegCap captions + MCQs drawn afresh at every visit, weighted towards
 negation) while distilling the initial model on affirmative captions (loss.distill and
 loss.distill_features at 1, negjax's own: see negjax.retention), evaluates again and
-prints a before/after table. Measured (data engine version 2, 1000 steps of 32, each run
-pinned to one core of a loaded machine; without distillation the demo took 5m56s on 2 idle
-cores from an empty cache, the teacher's forward adds to that), before -> after for seeds
-0 / 1 / 2:
+prints a before/after table. Wall time from an empty cache on 2 idle cores: 7m41s (world
+build, both evaluations, 1000 steps of 32 at ~2.8 steps/s, the WiSE-FT sweep and the search
+example; 5m56s before distillation). Measured (data engine version 2, seed 0 again in that
+timed run with the same numbers, seeds 1 and 2 pinned to one core of a loaded machine),
+before -> after for seeds 0 / 1 / 2:
   negation-template MCQ accuracy  0.031 -> 0.500 / 0.583 / 0.623
   negated-retrieval Recall@5      0.113 -> 0.278 / 0.258 / 0.262
   affirmation MCQ accuracy        0.488 -> 0.576 / 0.527 / 0.618
@@ -22,7 +23,7 @@ cores from an empty cache, the teacher's forward adds to that), before -> after 
   plain retrieval Recall@5 text   0.774 -> 0.752 / 0.752 / 0.750
   zero-shot top-1                 0.421 -> 0.463 / 0.438 / 0.450
 Negation gains 47-59 points, affirmation and zero-shot rise, but plain retrieval still
-loses 2.2-3.6 points of Recall@5 (the issue's bound is 2: missed by 0.2-1.6). Without distillation (loss.distill=0 loss.distill_features=0,
+loses 2.2-3.6 points of Recall@5 (negjax's target is at most 2: missed by 0.2-1.6). Without distillation (loss.distill=0 loss.distill_features=0,
 the earlier demo) the same run keeps negation (0.47-0.53 MCQ, 0.28-0.29 negated R@5) but
 loses 13-15 points of plain R@5 and 4 of zero-shot. At 300 steps the feature term moves the
 frontier: distill_features 0 / 1 / 10 (distill 0 / 1 / 1) give negation MCQ 0.414 / 0.389 /
