@@ -93,7 +93,8 @@ def run(main, argv=None, required=("config",)) -> None:
 
 def load_config(path: str, **overrides):
   """The ConfigDict a config file gives, as `--config PATH[:PRESET]` would, with `overrides`
-  (top-level keys) applied: for scripts and tests that build configs without flags."""
+  applied (keys as the flags name them, dotted for nested fields: **{"loss.distill": 1.0}):
+  for scripts and tests that build configs without flags."""
   import importlib.util
   path, _, preset = path.partition(":")
   name = os.path.splitext(os.path.basename(path))[0] + "_config"
@@ -101,5 +102,10 @@ def load_config(path: str, **overrides):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config(preset) if preset else module.get_config()
-  config.update(overrides)
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node.update({leaf: value})
   return config

@@ -1,6 +1,8 @@
 """Distillation from the frozen initial model (negjax.retention.distill_terms, loss.distill /
 loss.distill_features): the loss terms, their gradients, the teacher's lack of them, the
 retention captions of the training input, and the config checks."""
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -11,6 +13,8 @@ from flax import nnx
 from negjax import cli, losses, retention, sharding, train_step
 from negjax.data import train_input
 from negjax.models import clip
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -151,15 +155,7 @@ def test_training_rows_carry_a_retention_caption_without_changing_the_other_draw
 
 
 def _config(**changes):
-  from configs import negclip
-  c = negclip.get_config()
-  for key, value in changes.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return cli.load_config(os.path.join(ROOT, "configs", "negclip.py"), **changes)
 
 
 @pytest.mark.parametrize("changes,message", [

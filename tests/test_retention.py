@@ -144,15 +144,7 @@ def test_l2_to_init_penalty_is_added_and_pulls_back(tiny):
 
 
 def _config(**changes):
-  from configs import negclip
-  c = negclip.get_config()
-  for key, value in changes.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return cli.load_config(os.path.join(ROOT, "configs", "negclip.py"), **changes)
 
 
 @pytest.mark.parametrize("key,value,message", [
