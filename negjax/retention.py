@@ -76,16 +76,22 @@ def parse_mix(value) -> float | str:
 
 
 DISTILL_KEYS = ("distill", "distill_features")  # loss weights of distill_terms
+RETAIN_POOLS = ("affirmative", "negcap")  # caption pools of a record (negjax.data.records)
 
 
-def needs_initial(loss_config) -> bool:
-  """Whether the step needs the initial parameters (the L2 anchor or the teacher)."""
-  return any(float(loss_config.get(k, 0.0) or 0.0) for k in ("l2_init",) + DISTILL_KEYS)
+def weight(loss_config, key) -> float:
+  """A retention loss weight of the config (unset or None: 0)."""
+  return float(loss_config.get(key, 0.0) or 0.0)
 
 
 def distills(loss_config) -> bool:
   """Whether training rows must carry a retention caption (`retain_ids`)."""
-  return any(float(loss_config.get(k, 0.0) or 0.0) for k in DISTILL_KEYS)
+  return any(weight(loss_config, k) for k in DISTILL_KEYS)
+
+
+def needs_initial(loss_config) -> bool:
+  """Whether the step needs the initial parameters (the L2 anchor or the teacher)."""
+  return bool(weight(loss_config, "l2_init")) or distills(loss_config)
 
 
 def check_config(config) -> list[str]:
@@ -108,8 +114,6 @@ def check_config(config) -> list[str]:
                       f"--config.loss.distill=0 --config.loss.distill_features=0")
   return problems
 
-
-RETAIN_POOLS = ("affirmative", "negcap")  # caption pools of a record (negjax.data.records)
 
 
 def distill_terms(student, teacher, student_images, pixels, retain_ids):

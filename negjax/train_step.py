@@ -171,8 +171,8 @@ def make_train_step(graphdef, tx, schedule, loss_config, mesh, state_shardings,
   activation constraints (`sharding.constrain_batch`) and platform kernels see it.
   `initial`: the starting parameters, placed like the state's; needed (and only passed
   to the step) when loss_config.l2_init, distill or distill_features > 0."""
-  weight = lambda key: float(loss_config.get(key, 0.0) or 0.0)
-  l2_init, distill, distill_features = (weight(k) for k in ("l2_init",) + retention.DISTILL_KEYS)
+  l2_init, distill, distill_features = (retention.weight(loss_config, k)
+                                         for k in ("l2_init",) + retention.DISTILL_KEYS)
   if retention.needs_initial(loss_config) and initial is None:
     raise ValueError("loss.l2_init / distill / distill_features > 0 need the initial "
                      "parameters")
