@@ -35,7 +35,7 @@ from absl import flags
 from flax import nnx
 
 from negjax import atomic, cli, flops, retention, sharding, train, train_step
-from negjax.models import clip, layers
+from negjax.models import clip, layers, siglip
 
 GiB = 1 << 30
 
@@ -146,6 +146,10 @@ def architecture(model_config) -> str:
 
 def abstract_model(config):
   """The model the trainer builds, as shapes only (no memory for weights)."""
+  if config.model.arch in siglip.ARCHITECTURES or siglip.is_siglip(config.model.init):
+    raise cli.UserError("negjax.compile builds CLIP training steps only: SigLIP's abstract "
+                        "model, full-length text batch and FLOP count are not written here "
+                        "(negjax.train fine-tunes SigLIP folders)")
   arch = architecture(config.model)
   try:
     cfg = clip.get_config(arch, **train.model_options(config.model))

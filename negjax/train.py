@@ -4,7 +4,8 @@ Reads top to bottom: config check -> workdir lock -> mesh -> data -> model and o
 (created sharded) -> evaluate -> resume -> train -> evaluate -> export and report. The
 step itself lives in `negjax.train_step`; what a workdir holds: config.json (see
 `negjax.train_config`), checkpoints/, metrics.jsonl, eval_before.json, eval_after.json,
-provenance.json, report.txt, training.png, model.safetensors.
+provenance.json, report.txt, training.png, model.safetensors (SigLIP: model/, a Hugging Face
+SiglipModel folder).
 """
 import csv
 import datetime
@@ -26,7 +27,7 @@ from negjax import train_log
 from negjax import train_step
 from negjax import workdir as workdir_lock
 from negjax.data import train_input
-from negjax.models import clip, weights
+from negjax.models import clip, siglip, weights
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file")
 SHAPES_CHECKPOINT = os.path.join(os.path.dirname(__file__), "assets", "shapes_clip.safetensors")
@@ -74,11 +75,20 @@ def load_initial_model(model_config):
   if path is None:
     return clip.CLIP(clip.get_config(model_config.arch, **options), nnx.Rngs(0))
   model = weights.load_model(path, arch=model_config.arch, **options)
-  if hasattr(model, "tokenize"):  # its own tokenizer and preprocessing (SigLIP)
-    raise cli.UserError(f"{path}: fine-tuning {type(model).__name__} models is not supported "
-                        "yet: the training input uses CLIP's tokenizer and image "
-                        "normalisation (evaluate it with negjax.evaluate)")
+  if getattr(model.config, "max_num_patches", 0):
+    raise cli.UserError(f"{path}: fine-tuning NaFlex SigLIP 2 models is not supported: they "
+                        "take patch sheets of each image at its own aspect ratio, and the "
+                        "training input makes square images (fixed-resolution SigLIP / "
+                        "SigLIP 2 folders train; evaluate this one with negjax.evaluate)")
   return model
+
+
+def save_model(model, path, dtype):
+  """The fine-tuned model: a Hugging Face folder for SigLIP, open_clip .safetensors else."""
+  if isinstance(model, siglip.SigLIP):
+    siglip.save_hf_folder(model, path, dtype)
+  else:
+    weights.save_open_clip(model, path, dtype)
 
 
 def build_data_once(config):
@@ -195,10 +205,16 @@ def train(config):
   # ------------------------------------------------------------------ data
   data = build_data_once(config)
   model = load_initial_model(config.model)
+  tokenizer = train_input.tokenizer_for(model, config.data.text_length)
+  text_multiple = config.data.text_multiple if tokenizer.trims else 0
+  if config.data.text_multiple and not tokenizer.trims:
+    log.info("data.text_multiple=%d not used: %s texts keep their padding (the text tower "
+             "reads it)", config.data.text_multiple, type(model).__name__)
   train_iter = train_input.make_iterator(
       data.train_dir, config.data, config.batch_size, config.seed,
       image_size=model.config.image_size,
-      retain_pool=config.data.retain_pool if retention.distills(config.loss) else None)
+      retain_pool=config.data.retain_pool if retention.distills(config.loss) else None,
+      tokenizer=tokenizer)
 
   # ------------------------------------------------------ model + optimizer
   graphdef, params = nnx.split(model, nnx.Param)
@@ -206,7 +222,8 @@ def train(config):
   labels = zero_shot_labels(config, data)
   tx, schedule = train_step.make_optimizer(config.optim, config.total_steps)
   state, state_shardings = train_step.init_state(params, tx, mesh)
-  architecture = clip.architecture_name(model.config) or "custom"
+  architecture = (siglip if isinstance(model, siglip.SigLIP) else clip).architecture_name(
+      model.config) or "custom"
   log.info("model %s: %.1fM parameters", architecture, clip.num_params(model) / 1e6)
   del model
 
@@ -252,7 +269,7 @@ def train(config):
   try:  # an error ends the progress bar's line before it is printed
     for step in range(start, config.total_steps):
       t0 = time.perf_counter()
-      batch = train_input.trim_text(next(train_iter), config.data.text_multiple)
+      batch = train_input.trim_text(next(train_iter), text_multiple)
       batch = sharding.global_batch(batch, mesh)
       t_data += time.perf_counter() - t0
       state, metrics = step_fn(state, batch)
@@ -302,8 +319,10 @@ def train(config):
       atomic.write_json(os.path.join(workdir, "eval_mix.json"), {
           "chosen": alpha, "max_retention_loss": config.wise.max_retention_loss,
           "results": {str(a): r for a, r in mixes.items()}})
-    export = config.export or os.path.join(workdir, "model.safetensors")
-    weights.save_open_clip(nnx.merge(graphdef, final_params), export, config.export_dtype)
+    model = nnx.merge(graphdef, final_params)
+    export = config.export or os.path.join(
+        workdir, "model" if isinstance(model, siglip.SigLIP) else "model.safetensors")
+    save_model(model, export, config.export_dtype)
     record.update(finished=datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), exported_model=provenance.file_record(export), export_mix=alpha)
     atomic.write_json(os.path.join(workdir, "provenance.json"), record)

@@ -1,4 +1,4 @@
-"""The pure training step: loss, gradients, AdamW update, temperature clamp.
+"""The pure training step: loss, gradients, AdamW update, temperature clamp (CLIP's).
 
 `make_train_step` returns one `jax.jit`-ed function of (state, batch) with explicit
 shardings and the state donated, so parameters and optimizer state are updated in place.
@@ -14,6 +14,7 @@ from flax import nnx
 
 from negjax import losses, retention, sharding
 from negjax.image import OPENAI_MEAN, OPENAI_STD
+from negjax.models import siglip
 
 NO_DECAY = ("bias", "scale", "class_embedding", "logit_scale",  # gains, biases, temperature
             "logit_bias")
@@ -93,10 +94,22 @@ def _is_stacked(name):
   return "/blocks/" in name
 
 
-def normalize_images(images_uint8, dtype=jnp.float32):
-  """uint8 NHWC in [0, 255] -> CLIP input (OpenAI mean/std), on device."""
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # siglip.preprocess: x / 255 to [-1, 1]
+
+
+def pixel_normalization(model) -> tuple:
+  """(mean, std) of the model's own image preprocessing on x / 255: SigLIP's 0.5 / 0.5
+  (`siglip.preprocess`), else CLIP's OpenAI values (`negjax.image.preprocess`)."""
+  if isinstance(model, siglip.SigLIP):
+    return SIGLIP_MEAN, SIGLIP_STD
+  return OPENAI_MEAN, OPENAI_STD
+
+
+def normalize_images(images_uint8, dtype=jnp.float32, mean=OPENAI_MEAN, std=OPENAI_STD):
+  """uint8 NHWC in [0, 255] -> model input ((x / 255 - mean) / std; default CLIP's), on
+  device."""
   x = images_uint8.astype(jnp.float32) / 255.0
-  return ((x - jnp.asarray(OPENAI_MEAN)) / jnp.asarray(OPENAI_STD)).astype(dtype)
+  return ((x - jnp.asarray(mean)) / jnp.asarray(std)).astype(dtype)
 
 
 def loss_fn(params, graphdef, batch, contrastive_weight, mcq_weight, l2_init=0.0,
@@ -113,17 +126,18 @@ def loss_fn(params, graphdef, batch, contrastive_weight, mcq_weight, l2_init=0.0
   `mcq_normalize=False`: the official training's MCQ scores (see losses.mcq_loss)."""
   model = nnx.merge(graphdef, params)
   scale = model.temperature()
+  mean, std = pixel_normalization(model)
   images = None
   contrastive = jnp.zeros((), jnp.float32)
   if "caption_ids" in batch:
-    pixels = normalize_images(batch["image"])
+    pixels = normalize_images(batch["image"], mean=mean, std=std)
     images = model.encode_image(pixels)
     caption_features = model.encode_text(batch["caption_ids"])
     bias = model.bias() if hasattr(model, "bias") else None  # SigLIP's learned logit bias
     contrastive = losses.image_text_loss(kind, images, caption_features, scale, bias)
   mcq = jnp.zeros((), jnp.float32)
   if mcq_weight > 0:  # options may be shorter than captions (see train_input.trim_text)
-    mcq_images = (model.encode_image(normalize_images(batch["mcq_image"]))
+    mcq_images = (model.encode_image(normalize_images(batch["mcq_image"], mean=mean, std=std))
                   if "mcq_image" in batch else images)
     b, o, length = batch["mcq_ids"].shape
     option_features = model.encode_text(batch["mcq_ids"].reshape(b * o, length))
@@ -144,7 +158,11 @@ def loss_fn(params, graphdef, batch, contrastive_weight, mcq_weight, l2_init=0.0
 
 
 def clamp_logit_scale(params):
-  """exp(logit_scale) stays in [1, 100], as CLIP training does."""
+  """exp(logit_scale) stays in [1, 100], as CLIP training does. Models with a learned logit
+  bias (SigLIP) are left as they are: big_vision does not clamp, and released SigLIP
+  checkpoints start above 100."""
+  if "logit_bias" in params:
+    return params
   params["logit_scale"].set_value(jnp.clip(params["logit_scale"][...], 0.0, math.log(100.0)))
   return params
 
@@ -161,7 +179,9 @@ def init_state(params, tx, mesh):
   shardings = state_shardings(params, tx, mesh)
   params = jax.device_put(params, shardings["params"])
   opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+  # placed as the step returns it: an uncommitted counter would compile the step twice
+  step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
+  state = {"step": step, "params": params, "opt_state": opt_state}
   return state, shardings
 
 

@@ -80,7 +80,8 @@ def test_train_step_loss_kind_selects_the_loss(family):
   @jax.jit
   def run(params, batch):
     model = nnx.merge(graphdef, params)
-    images = model.encode_image(train_step.normalize_images(batch["image"]))
+    mean, std = train_step.pixel_normalization(model)  # the model's own (SigLIP: 0.5 / 0.5)
+    images = model.encode_image(train_step.normalize_images(batch["image"], mean=mean, std=std))
     texts = model.encode_text(batch["caption_ids"])
     bias = model.bias() if family == "siglip" else losses.SIGMOID_BIAS
     softmax = train_step.loss_fn(params, graphdef, batch, 1.0, 0.0, kind="softmax")[1]

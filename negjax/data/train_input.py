@@ -3,10 +3,12 @@
 shuffle (a new order each epoch) -> repeat -> this process's slice -> per-example caption
 choice and tokenization (seeded by index, so a restored iterator replays exactly) ->
 batch -> optional worker processes. The iterator's state goes into every checkpoint.
-`trim_text` then cuts each batch's text padding before it goes to the devices.
+`trim_text` then cuts each batch's text padding before it goes to the devices (CLIP's
+tokenizer only: a SigLIP text tower reads its padding, see `Tokenizer`).
 """
 import dataclasses
 import glob
+import logging
 import os
 
 import grain
@@ -19,6 +21,50 @@ from negjax.data import captions, records
 from negjax.tokenizer import tokenize, used_length
 
 CACHE_DIR = os.path.expanduser(os.environ.get("NEGJAX_CACHE", "~/.cache/negjax"))
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+  """Texts -> int32 ids [N, length]: CLIP's BPE (`file` None), or the SigLIP tokenizer file
+  of a checkpoint (spiece.model / tokenizer.json, `siglip.get_tokenizer`). Two plain fields,
+  so it pickles into Grain's worker processes, which build the tokenizer once each."""
+  length: int
+  file: str | None = None
+
+  @property
+  def trims(self) -> bool:
+    """Whether `trim_text` may cut the padding: CLIP's text tower never reads past EOT; a
+    SigLIP tower pools the last position, so its ids keep the model's full length."""
+    return self.file is None
+
+  def __call__(self, texts):
+    if self.file is None:
+      return tokenize(texts, self.length)
+    from negjax.models import siglip
+    return siglip.get_tokenizer(self.file, self.length)(texts)
+
+
+def tokenizer_for(model, text_length: int) -> Tokenizer:
+  """The training input's tokenizer for `model`: CLIP's BPE at `text_length` (data.
+  text_length), or the model's own (models with a `tokenize`, SigLIP) at its context
+  length: data.text_length is then not used, and a warning says so when it differs."""
+  if not hasattr(model, "tokenize"):
+    return Tokenizer(text_length)
+  file, length = model.config.tokenizer_file, model.config.context_length
+  if file is None:
+    raise ValueError(f"{type(model).__name__} has no tokenizer file: load it from a folder "
+                     "with its spiece.model or tokenizer.json")
+  if text_length != length:
+    log.warning("data.text_length=%d is not used: %s texts are tokenized with %s to the "
+                "model's context length %d (its text tower reads the padding)", text_length,
+                type(model).__name__, os.path.basename(file), length)
+  return Tokenizer(length, file)
+
+
+def _as_tokenizer(text) -> Tokenizer:
+  """A `Tokenizer`, or an int: CLIP's BPE at that length."""
+  return text if isinstance(text, Tokenizer) else Tokenizer(int(text))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +106,13 @@ class TrainingExample(grain.transforms.RandomMap):
   `mcq_answer_weights`) instead of the stored one: more distinct questions per image.
   With `retain_pool` (e.g. "affirmative"), also `retain_ids`: one caption of that pool,
   drawn last (the other draws are those of a run without it), for distillation
-  (negjax.retention.distill_terms)."""
+  (negjax.retention.distill_terms). `text`: a `Tokenizer`, or a length for CLIP's."""
 
-  def __init__(self, pools, text_length, image_size, fresh_mcq=False, mcq_answer_weights=None,
+  def __init__(self, pools, text, image_size, fresh_mcq=False, mcq_answer_weights=None,
                retain_pool=None):
     self.pools = tuple(pools)
     self.retain_pool = retain_pool
-    self.text_length = text_length
+    self.tokenize = _as_tokenizer(text)
     self.image_size = image_size
     self.fresh_mcq = fresh_mcq
     self.mcq_answer_weights = mcq_answer_weights
@@ -86,13 +132,13 @@ class TrainingExample(grain.transforms.RandomMap):
       options, answer = list(example["mcq_options"]), example["mcq_answer"]
     out = {
         "image": image,
-        "caption_ids": tokenize([caption], self.text_length)[0],
-        "mcq_ids": tokenize(options, self.text_length),
+        "caption_ids": self.tokenize([caption])[0],
+        "mcq_ids": self.tokenize(options),
         "mcq_answer": np.int32(answer),
     }
     if self.retain_pool:
       retained = example[self.retain_pool]
-      out["retain_ids"] = tokenize([retained[rng.integers(len(retained))]], self.text_length)[0]
+      out["retain_ids"] = self.tokenize([retained[rng.integers(len(retained))]])[0]
     return out
 
 
@@ -100,23 +146,25 @@ SOURCES = ("records", "official_csv", "webdataset", "converted")
 
 
 def make_iterator(train_dir, data_config, global_batch_size, seed, image_size, process=None,
-                  retain_pool=None):
+                  retain_pool=None, tokenizer=None):
   """A checkpointable iterator of this process's share of each global batch.
 
   `data_config.source` (default "records") picks the input: negjax records at `train_dir`
   (one row per image: image, caption, MCQ, and with `retain_pool` a caption of that pool
   as `retain_ids`), or a caption stream and/or an MCQ stream of other images
   (`official_csv`, `webdataset`, `converted`; see `streams`). `process`: (index, count),
-  default JAX's."""
+  default JAX's. `tokenizer`: a `Tokenizer` (`tokenizer_for` the model), default CLIP's at
+  data.text_length."""
   index, count = process or (jax.process_index(), jax.process_count())
   source = data_config.get("source", "records")
   if retain_pool and source != "records":
     raise ValueError(f"retention captions (retain_pool={retain_pool!r}) need data.source="
                      f"records, got {source!r}")
+  tokenizer = tokenizer or Tokenizer(data_config.text_length)
   if source == "records":
-    ds = _records_dataset(train_dir, data_config, seed, image_size, retain_pool)
+    ds = _records_dataset(train_dir, data_config, seed, image_size, retain_pool, tokenizer)
   elif source in SOURCES:
-    ds = _two_streams(*streams(data_config, image_size), data_config.text_length, seed)
+    ds = _two_streams(*streams(data_config, image_size), tokenizer, seed)
   else:
     raise ValueError(f"data.source {source!r}: use one of {', '.join(SOURCES)}")
   # Sliced after the random map (lazily: each process computes only its own share), so the
@@ -129,14 +177,13 @@ def make_iterator(train_dir, data_config, global_batch_size, seed, image_size, p
   return iter(it)
 
 
-def _records_dataset(train_dir, data_config, seed, image_size, retain_pool=None):
+def _records_dataset(train_dir, data_config, seed, image_size, retain_pool, tokenizer):
   ds = grain.MapDataset.source(records.training_source(train_dir)).shuffle(seed=seed).repeat()
   fresh, weights = data_config.get("fresh_mcq", False), data_config.get("mcq_answer_weights")
   if weights and not fresh:
     raise ValueError("data.mcq_answer_weights applies to drawn MCQs: set data.fresh_mcq=True")
-  return ds.random_map(TrainingExample(data_config.captions, data_config.text_length,
-                                       image_size, fresh, tuple(weights) if weights else None,
-                                       retain_pool),
+  return ds.random_map(TrainingExample(data_config.captions, tokenizer, image_size, fresh,
+                                       tuple(weights) if weights else None, retain_pool),
                        seed=seed)
 
 
@@ -192,14 +239,13 @@ def input_paths(data_config):
 
 
 class CaptionExample(grain.transforms.Map):
-  """{"image", "caption"} -> {"image", "caption_ids"}."""
+  """{"image", "caption"} -> {"image", "caption_ids"}; `text`: a `Tokenizer` or a length."""
 
-  def __init__(self, text_length):
-    self.text_length = text_length
+  def __init__(self, text):
+    self.tokenize = _as_tokenizer(text)
 
   def map(self, example):
-    return {"image": example["image"],
-            "caption_ids": tokenize([example["caption"]], self.text_length)[0]}
+    return {"image": example["image"], "caption_ids": self.tokenize([example["caption"]])[0]}
 
 
 class MCQExample(CaptionExample):
@@ -207,7 +253,7 @@ class MCQExample(CaptionExample):
 
   def map(self, example):
     return {"mcq_image": example["image"],
-            "mcq_ids": tokenize(list(example["options"]), self.text_length),
+            "mcq_ids": self.tokenize(list(example["options"])),
             "mcq_answer": np.int32(example["answer"])}
 
 
@@ -222,12 +268,12 @@ class _Zip(grain.transforms.MapWithIndex):
     return {**element, **self.other[index]}
 
 
-def _two_streams(captions_, mcq, text_length, seed):
+def _two_streams(captions_, mcq, tokenizer, seed):
   """Caption rows and MCQ rows of other images, each shuffled on its own (seeds differ), so
   a step of batch B sees 2B images, as the official NegFull training does."""
   def stream(source, example, stream_seed):
     return grain.MapDataset.source(source).shuffle(seed=stream_seed).repeat().map(
-        example(text_length))
+        example(tokenizer))
   parts = [stream(s, e, seed + k) for k, (s, e) in
            enumerate(((captions_, CaptionExample), (mcq, MCQExample))) if s is not None]
   return parts[0] if len(parts) == 1 else parts[0].map_with_index(_Zip(parts[1]))

@@ -25,8 +25,8 @@ flattened values are the padded patches followed by the patch grid (rows, cols) 
 
 Supported checkpoints: Hugging Face `SiglipModel` folders (SigLIP, and the fixed-resolution
 SigLIP 2 releases, which are `SiglipModel`s with a Gemma tokenizer), `Siglip2Model` (NaFlex)
-folders and big_vision `.npz` two-tower SigLIP files. Refused: vision towers without the MAP
-head.
+folders and big_vision `.npz` two-tower SigLIP files (fixed resolution, and NaFlex given its
+max_num_patches). Refused: vision towers without the MAP head.
 """
 import dataclasses
 import functools
@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import shutil
 import string
 from typing import Any
 
@@ -721,8 +722,9 @@ def state_dict(model: SigLIP) -> dict:
     value = np.asarray(var[...], np.float32)
     for i, key in enumerate(keys if isinstance(keys, list) else [keys]):
       put(key, value[i] if isinstance(keys, list) else value, transform)
-  for key in [k for k, v in out.items() if isinstance(v, dict)]:
-    out[key] = np.concatenate([out[key]["q"], out[key]["kv"]], 0)
+  for key in [k for k, v in out.items() if isinstance(v, dict)]:  # C order, as the others:
+    out[key] = np.ascontiguousarray(np.concatenate([out[key]["q"], out[key]["kv"]], 0))
+    # (joined transposed views come out in Fortran order, which safetensors would misread)
   return out
 
 
@@ -804,19 +806,22 @@ def is_siglip(path) -> bool:
 
 
 def load(path, arch=None, *, heads=None, quick_gelu=None, allow_nonfinite=False, tokenizer=None,
-         **options) -> SigLIP:
+         max_num_patches=None, **options) -> SigLIP:
   """A SigLIP from a transformers SiglipModel folder (config.json + model.safetensors, and
   spiece.model or tokenizer.json) or a big_vision .npz (architecture from its shapes; the
-  tokenizer file given as `tokenizer=`, else looked for beside it)."""
+  tokenizer file given as `tokenizer=`, else looked for beside it; a NaFlex .npz also needs
+  `max_num_patches`, a preprocessing setting the file does not hold)."""
   from negjax.models import weights
   path = str(path)
-  if (arch, quick_gelu) != (None, None) or (heads is not None and not path.endswith(".npz")):
-    raise SigLIPError(f"{path}: arch=/quick_gelu= (and heads= outside .npz files) are not used "
-                      f"for SigLIP checkpoints: the architecture comes from config.json / the "
-                      f".npz shapes")
+  npz_only = {"heads=": heads, "max_num_patches=": max_num_patches}
+  if (arch, quick_gelu) != (None, None) or (
+      not path.endswith(".npz") and any(v is not None for v in npz_only.values())):
+    raise SigLIPError(f"{path}: arch=/quick_gelu= (and heads=/max_num_patches= outside .npz "
+                      f"files) are not used for SigLIP checkpoints: the architecture comes "
+                      f"from config.json (preprocessor_config.json) / the .npz shapes")
   if path.endswith(".npz"):
     sd = from_big_vision(_read_npz(path), path)
-    config = infer_config(sd, path, heads)
+    config = infer_config(sd, path, heads, max_num_patches)
     folder = os.path.dirname(os.path.abspath(path))
   else:
     _, config = _hf_config(os.path.join(path, "config.json"))
@@ -832,10 +837,12 @@ def load(path, arch=None, *, heads=None, quick_gelu=None, allow_nonfinite=False,
                          path)
 
 
-def infer_config(sd, source, heads=None) -> SigLIPConfig:
+def infer_config(sd, source, heads=None, max_num_patches=None) -> SigLIPConfig:
   """The architecture of a canonical state dict from its shapes; the head counts, which no
   shape shows, are `heads` (vision, text) or else big_vision's for the width (its ViT
-  variants: S 6, B 12, L 16, So400m 16, H 16, g 16)."""
+  variants: S 6, B 12, L 16, So400m 16, H 16, g 16). A NaFlex state dict (a Linear patch
+  embedding) needs `max_num_patches`, the patch slots per image: no weight shows it (big_vision
+  passes it to its preprocessing; its README_siglip2 reports results at 256)."""
   def shape(key):
     if key not in sd:
       raise SigLIPError(f"{source}: missing key {key!r}")
@@ -845,7 +852,23 @@ def infer_config(sd, source, heads=None) -> SigLIPConfig:
     pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
     return len({int(m.group(1)) for k in sd if (m := pat.match(k))})
 
-  width, _, patch, _ = shape("vision_model.embeddings.patch_embedding.weight")
+  embedding = shape("vision_model.embeddings.patch_embedding.weight")
+  naflex = len(embedding) == 2  # Linear [w, p * p * 3]; else Conv2d [w, 3, p, p]
+  width, patch = embedding[0], (math.isqrt(embedding[1] // 3) if naflex else embedding[2])
+  if naflex and patch * patch * 3 != embedding[1]:
+    raise SigLIPError(f"{source}: NaFlex patch embedding {embedding} does not take p * p * 3 "
+                      f"values of RGB patches")
+  if naflex and max_num_patches is None:
+    raise SigLIPError(f"{source}: a NaFlex SigLIP 2 (patch embedding over flattened patches); "
+                      f"its max_num_patches (patch slots per image: a preprocessing setting "
+                      f"that the file does not hold) must be stated: "
+                      f"load_model(path, max_num_patches=N)")
+  if not naflex and max_num_patches is not None:
+    raise SigLIPError(f"{source}: max_num_patches={max_num_patches} given, but this is a "
+                      f"fixed-resolution SigLIP (convolutional patch embedding), not NaFlex")
+  if naflex and (not isinstance(max_num_patches, int) or isinstance(max_num_patches, bool)
+                 or max_num_patches < 1):
+    raise SigLIPError(f"{source}: max_num_patches {max_num_patches!r} is not a positive integer")
   text_width = shape("text_model.final_layer_norm.weight")[0]
   if heads is None:
     heads = [_BIG_VISION_HEADS.get(w) for w in (width, text_width)]
@@ -854,8 +877,12 @@ def infer_config(sd, source, heads=None) -> SigLIPConfig:
                       f"variant ({sorted(_BIG_VISION_HEADS)}), so the attention head count is "
                       f"unknown; pass heads=(VISION_HEADS, TEXT_HEADS)")
   grid = int(round(shape("vision_model.embeddings.position_embedding.weight")[0] ** 0.5))
+  size = dict(image_size=grid * patch)
+  if naflex:
+    size = dict(image_size=sheet_side(max_num_patches, patch), max_num_patches=max_num_patches,
+                position_grid=grid)
   return SigLIPConfig(
-      image_size=grid * patch, patch_size=patch, vision_width=width,
+      **size, patch_size=patch, vision_width=width,
       vision_layers=count("vision_model.encoder.layers"), vision_heads=heads[0],
       vision_mlp=shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
       text_width=text_width, text_layers=count("text_model.encoder.layers"),
@@ -872,18 +899,23 @@ _BIG_VISION_HEADS = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1152: 16, 1280: 
 
 
 def _read_npz(path):
+  import zipfile
   try:
     with np.load(path, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # e.g. a truncated file
     raise SigLIPError(f"{path}: not a readable .npz file ({e})") from None
 
 
 def from_big_vision(params: dict, source: str) -> dict:
   """big_vision two-tower SigLIP parameters ("params/img/...", "/"-joined, per-layer
-  `encoderblock_i` or scanned `encoderblock`) -> the transformers state dict."""
+  `encoderblock_i` or scanned `encoderblock`) -> the transformers state dict (NaFlex
+  image towers, proj.image_text.naflex_vit, -> Siglip2Model's)."""
   p = {k[len("params/"):] if k.startswith("params/") else k: np.asarray(v)
        for k, v in params.items()}
+  if len(p) != len(params):  # "params/x" and "x": which one is meant?
+    twice = sorted(k for k in params if k.startswith("params/") and k[len("params/"):] in params)
+    raise SigLIPError(f"{source}: parameters stored both with and without 'params/': {twice[:4]}")
   sd, used = {}, set()
 
   def take(key):
@@ -933,10 +965,16 @@ def from_big_vision(params: dict, source: str) -> dict:
       norm(b + "/LayerNorm_1", d + "layer_norm2")
       mlp(b + "/MlpBlock_0", d + "mlp.")
 
-  kernel = take("img/embedding/kernel")  # [p, p, 3, w] -> Conv2d [w, 3, p, p]
-  sd["vision_model.embeddings.patch_embedding.weight"] = kernel.transpose(3, 2, 0, 1)
+  kernel, pos = take("img/embedding/kernel"), take("img/pos_embedding")
+  if kernel.ndim == 2:  # NaFlex (naflex_vit): a Dense over (row, col, channel) patches
+    if pos.ndim != 3 or pos.shape[0] != pos.shape[1]:
+      raise SigLIPError(f"{source}: NaFlex img/embedding/kernel {kernel.shape} (a Dense) but "
+                        f"img/pos_embedding {pos.shape} is not a square [G, G, width] grid")
+    sd["vision_model.embeddings.patch_embedding.weight"] = kernel.T  # Siglip2's Linear
+  else:  # [p, p, 3, w] -> Conv2d [w, 3, p, p]
+    sd["vision_model.embeddings.patch_embedding.weight"] = kernel.transpose(3, 2, 0, 1)
   sd["vision_model.embeddings.patch_embedding.bias"] = take("img/embedding/bias")
-  pos = take("img/pos_embedding")
+  # [1, G * G, w]; NaFlex [G, G, w] (rows, cols): both row-major, as transformers' table
   sd["vision_model.embeddings.position_embedding.weight"] = pos.reshape(-1, pos.shape[-1])
   encoder("img/Transformer", "vision_model")
   norm("img/Transformer/encoder_norm", "vision_model.post_layernorm")
@@ -973,3 +1011,44 @@ def hf_config_dict(c: SigLIPConfig) -> dict:
       vision_config=dict(hidden_size=c.vision_width, intermediate_size=c.vision_mlp,
                          num_hidden_layers=c.vision_layers, num_attention_heads=c.vision_heads,
                          patch_size=c.patch_size, layer_norm_eps=c.eps, **vision))
+
+
+TOKENIZER_SETTINGS = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def save_hf_folder(model: SigLIP, folder: str, dtype="float32") -> None:
+  """Writes `model` as a transformers SiglipModel folder that `load` and
+  `SiglipModel.from_pretrained` both read: model.safetensors (`state_dict`, float32 or e.g.
+  float16), config.json (`hf_config_dict`) and the model's tokenizer file with the settings
+  beside it. Written to a temporary folder beside `folder`, which then takes its place (a
+  previous folder is moved aside first and removed after), so no reader sees half of one."""
+  from safetensors.numpy import save_file
+  c = model.config
+  if c.max_num_patches:
+    raise SigLIPError(f"{folder}: writing NaFlex (Siglip2Model) folders is not implemented")
+  if c.tokenizer_file is None:
+    raise SigLIPError(f"{folder}: the model has no tokenizer file to write beside its weights")
+  folder = os.path.abspath(folder)
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    raise SigLIPError(f"{folder}: is a file; a SigLIP model is written as a folder")
+  tmp, old = f"{folder}.tmp{os.getpid()}", f"{folder}.old{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    tensors = {k: v.astype(dtype) for k, v in state_dict(model).items()}
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump({"model_type": "siglip", "architectures": ["SiglipModel"], **hf_config_dict(c)},
+                f, indent=1)
+    name = "tokenizer.json" if c.tokenizer_file.endswith(".json") else "spiece.model"
+    shutil.copyfile(c.tokenizer_file, os.path.join(tmp, name))
+    for settings in TOKENIZER_SETTINGS:
+      source = os.path.join(os.path.dirname(c.tokenizer_file), settings)
+      if os.path.exists(source):
+        shutil.copyfile(source, os.path.join(tmp, settings))
+    if os.path.exists(folder):
+      os.replace(folder, old)
+    os.replace(tmp, folder)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
