@@ -4,6 +4,7 @@ folder read back by negjax and transformers with the trained parameters' logits.
 import json
 import math
 import os
+import pickle
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from flax import nnx
 
 from negjax import cli, evaluate, train, train_step
 from negjax import image as clip_image
-from negjax.data import make, records
+from negjax.data import make, records, train_input
 from negjax.models import clip, siglip, weights
 from test_siglip import LENGTH, hf_folder, transformers  # noqa: F401 (fixtures)
 
@@ -160,6 +161,21 @@ def test_fine_tunes_a_siglip_folder_and_exports_one(kind, hot_folder, transforme
     for key, value in direct[name].items():
       if isinstance(value, float):
         assert before[name][key] == pytest.approx(value, abs=1e-6), (name, key)
+
+
+def test_tokenizer_pickles_into_grain_workers(hot_folder):
+  """Grain's worker processes get the training example by pickle: the SigLIP tokenizer goes
+  as its file and length, and tokenizes there as the model does; CLIP's stays trimmable."""
+  model = weights.load_model(hot_folder)
+  tokenizer = train_input.tokenizer_for(model, 24)
+  assert tokenizer == train_input.Tokenizer(LENGTH, model.config.tokenizer_file)
+  assert not tokenizer.trims
+  example = pickle.loads(pickle.dumps(train_input.TrainingExample(("negcap",), tokenizer, 32)))
+  texts = ["a red circle but no blue square", "no star"]
+  np.testing.assert_array_equal(example.tokenize(texts), model.tokenize(texts))
+  tiny_clip = clip.CLIP(clip.get_config("negjax-tiny"), nnx.Rngs(0))
+  assert train_input.tokenizer_for(tiny_clip, 24) == train_input.Tokenizer(24)
+  assert train_input.Tokenizer(24).trims
 
 
 def test_train_step_pixels_equal_the_evaluators_preprocessing(hf_folder):  # noqa: F811
