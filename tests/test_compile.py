@@ -118,3 +118,22 @@ def test_fit_table_retries_timeouts_and_bisects(tmp_path, monkeypatch):
   rows = {tuple(l.split(" | ")[:4]): l for l in grid.table(results).splitlines()}
   assert "| 8192 | 8.0 | 16.0 |" in rows[("| v5e-256", "ViT-B-16", "off", "fsdp")]
   assert "not measured" in rows[("| v5p-128", "ViT-L-14", "on", "dp")]
+
+
+def test_fit_table_drops_gpu_rows_of_another_attention(tmp_path):
+  """benchmarks/aot.py: GPU answers compiled with another attention than the grid's (the
+  first 8xH200 rows used XLA's) are not reused, so they are compiled again; TPU rows stay."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("aot_grid", os.path.join(ROOT, "benchmarks",
+                                                                          "aot.py"))
+  grid = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(grid)
+  gpu = lambda b: grid.key("ViT-B-16", "8xH200", True, "fsdp", b)
+  tpu = grid.key("ViT-B-16", "v5e-256", True, "fsdp", 1024)
+  lines = [{"key": gpu(1024), "fits": True, "attention": "xla"},
+           {"key": gpu(2048), "fits": True},  # written before the field existed: XLA's
+           {"key": gpu(4096), "fits": True, "attention": grid.GPU_ATTENTION},
+           {"key": tpu, "fits": True, "attention": "auto"}]
+  out = tmp_path / "aot.jsonl"
+  out.write_text("".join(json.dumps(r) + "\n" for r in lines))
+  assert sorted(grid.load(str(out))) == sorted([gpu(4096), tpu])
