@@ -168,7 +168,8 @@ def get_config(preset: str = "shapes"):
   c.wise.max_retention_loss = 0.02
   c.export_mix = "1.0"  # the demo: the fine-tuned model (auto picks 0 here, see above)
 
-  c.export = placeholder(str)  # final model as .safetensors; unset: WORKDIR/model.safetensors
+  c.export = placeholder(str)  # final model: unset, WORKDIR/model.safetensors (open_clip
+  # layout) or, for a SigLIP, WORKDIR/model (a Hugging Face folder)
   c.export_dtype = "float32"
 
   if preset == "paper":

@@ -204,6 +204,10 @@ def test_big_vision_naflex_npz_matches_transformers(folder, naflex_npz):
   # the model the Hugging Face folder of the same weights gives
   _, hf = siglip._hf_config(os.path.join(folder[0], "config.json"))
   assert c.architecture == hf.architecture
+  # the command lines' form (`FILE=naflex:24`, `--config.arch=naflex:24`) is the same model
+  assert weights.load_model(naflex_npz, "naflex:24", heads=(4, 4)).config == c
+  with pytest.raises(weights.CheckpointError, match="naflex:25.*max_num_patches=24 differ"):
+    weights.load_model(naflex_npz, "naflex:25", heads=(4, 4), max_num_patches=SLOTS)
   sheets, ids, img, txt, logits = reference(folder, c.image_size)
   grids = {tuple(g) for g in np.asarray(siglip.from_sheet(sheets, SLOTS, PATCH)[1]).tolist()}
   assert len(grids) >= 2

@@ -810,9 +810,16 @@ def load(path, arch=None, *, heads=None, quick_gelu=None, allow_nonfinite=False,
   """A SigLIP from a transformers SiglipModel folder (config.json + model.safetensors, and
   spiece.model or tokenizer.json) or a big_vision .npz (architecture from its shapes; the
   tokenizer file given as `tokenizer=`, else looked for beside it; a NaFlex .npz also needs
-  `max_num_patches`, a preprocessing setting the file does not hold)."""
+  `max_num_patches`, a preprocessing setting the file does not hold, also given as
+  arch="naflex:N", the form command lines take: `--config.arch=naflex:256`, `FILE=naflex:256`)."""
   from negjax.models import weights
   path = str(path)
+  if arch is not None and path.endswith(".npz") and re.fullmatch(r"naflex:\d+", arch):
+    # the command lines' `=arch` slot (what the file cannot say): "naflex:256"
+    stated = int(arch.split(":")[1])
+    if max_num_patches is not None and max_num_patches != stated:
+      raise SigLIPError(f"{path}: arch={arch!r} and max_num_patches={max_num_patches} differ")
+    arch, max_num_patches = None, stated
   npz_only = {"heads=": heads, "max_num_patches=": max_num_patches}
   if (arch, quick_gelu) != (None, None) or (
       not path.endswith(".npz") and any(v is not None for v in npz_only.values())):
