@@ -92,7 +92,9 @@ def get_config(preset: str = "shapes"):
   c.data.shapes = data_config("shapes")  # the world built when dir is None
   c.data.shapes.train_size = 12_000
   c.data.shapes.eval_size = 1_000
-  c.data.captions = ("negcap", "affirmative")  # pools a step's caption is drawn from
+  # pools a step's caption is drawn from: NegCap's only in the demo, the affirmative
+  # captions being distillation's (data.retain_pool); ("negcap", "affirmative") mixes them
+  c.data.captions = ("negcap",)
   c.data.retain_pool = "affirmative"  # distillation's captions (when loss.distill* > 0)
   c.data.text_length = 24  # tokens per caption (77 = CLIP's; shapes captions have <= 20)
   c.data.text_multiple = 8  # each batch's texts cut to its longest, rounded up to this (0: off)
@@ -114,7 +116,7 @@ def get_config(preset: str = "shapes"):
   c.loss = ml_collections.ConfigDict()
   c.loss.kind = "softmax"  # image-text loss: softmax (CLIP's contrastive) or sigmoid (SigLIP's)
   c.loss.contrastive_weight = 0.5
-  c.loss.mcq_weight = 0.5
+  c.loss.mcq_weight = 1.0
   c.loss.mcq_normalize = True  # score MCQ options as the evaluator does (False: official)
   c.loss.l2_init = 0.0  # weight of the squared distance to the initial weights (retention)
   # Distillation from the frozen initial model (negjax's own, learning without forgetting;
@@ -122,7 +124,7 @@ def get_config(preset: str = "shapes"):
   # the loss adds `distill` x KL(teacher || student) of the image<->caption softmax over the
   # batch and `distill_features` x the squared distance of the normalised image / caption
   # features to the teacher's. Costs a teacher forward and a caption forward a step.
-  c.loss.distill = 1.0  # the demo: both terms at 1 (measured in the docstring above)
+  c.loss.distill = 10.0  # the demo (measured in the docstring above)
   c.loss.distill_features = 1.0
 
   c.optim = ml_collections.ConfigDict()

@@ -83,7 +83,8 @@ def plot_run(workdir: str, before: dict, after: dict, sweep: dict | None = None,
   records = [r for r in read_records(workdir) if "loss" in r]
   fig, axes = plt.subplots(2, 3, figsize=(16, 9))
   axes = axes.ravel()
-  for name in ("loss", "contrastive_loss", "mcq_loss", "l2_to_init"):
+  for name in ("loss", "contrastive_loss", "mcq_loss", "l2_to_init", "distill",
+               "distill_features"):  # the retention terms unweighted, as the step logs them
     pts = [(r["step"], r[name]) for r in records if name in r]
     if pts:
       axes[0].plot(*zip(*pts), label=name)
