@@ -31,3 +31,12 @@ def run_without_torch():
     assert result.returncode == 0, result.stderr
     return result.stdout
   return run
+
+
+def tiny_shapes_world(tmp_path_factory, train_size, eval_size, shards):
+  """A small shapes world (32 px images) built once per test module that asks: its folder."""
+  from negjax.data import make
+  out = str(tmp_path_factory.mktemp("shapes"))
+  make.build(make.default_config("shapes", out=out, train_size=train_size, eval_size=eval_size,
+                                 image_size=32, shards=shards, workers=1, progress=False))
+  return out

@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_shapes_world
 from flax import nnx
 
 from negjax import cli, evaluate, train, train_step
 from negjax import image as clip_image
-from negjax.data import make, records, train_input
+from negjax.data import records, train_input
 from negjax.models import clip, siglip, weights
 from test_siglip import LENGTH, hf_folder, transformers  # noqa: F401 (fixtures)
 
@@ -26,10 +27,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("shapes"))
-  make.build(make.default_config("shapes", out=out, train_size=32, eval_size=16,
-                                 image_size=32, shards=2, workers=1, progress=False))
-  return out
+  return tiny_shapes_world(tmp_path_factory, 32, 16, 2)
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,18 @@ import time
 
 import numpy as np
 import pytest
+from conftest import tiny_shapes_world
 from safetensors.numpy import load_file
 
 from negjax import provenance
-from negjax.data import make
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("shapes"))
-  make.build(make.default_config("shapes", out=out, train_size=96, eval_size=24,
-                                 image_size=32, shards=4, workers=1, progress=False))
-  return out
+  return tiny_shapes_world(tmp_path_factory, 96, 24, 4)
 
 
 def command(workdir, data_dir, *overrides, steps=12):
