@@ -94,14 +94,11 @@ def _is_stacked(name):
   return "/blocks/" in name
 
 
-SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # siglip.preprocess: x / 255 to [-1, 1]
-
-
 def pixel_normalization(model) -> tuple:
   """(mean, std) of the model's own image preprocessing on x / 255: SigLIP's 0.5 / 0.5
   (`siglip.preprocess`), else CLIP's OpenAI values (`negjax.image.preprocess`)."""
   if isinstance(model, siglip.SigLIP):
-    return SIGLIP_MEAN, SIGLIP_STD
+    return siglip.PIXEL_MEAN, siglip.PIXEL_STD
   return OPENAI_MEAN, OPENAI_STD
 
 

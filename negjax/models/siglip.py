@@ -338,8 +338,11 @@ def _rgb(image):
   return image
 
 
+PIXEL_MEAN = PIXEL_STD = (0.5, 0.5, 0.5)  # after x / 255; what the train step normalises by
+
+
 def _unit_range(image):
-  """RGB uint8 -> float32 in [-1, 1]: rescale by 1/255, then mean = std = 0.5."""
+  """RGB uint8 -> float32 in [-1, 1]: rescale by 1/255, then PIXEL_MEAN = PIXEL_STD = 0.5."""
   return np.asarray(image, np.float32) / np.float32(255) / np.float32(0.5) - np.float32(1)
 
 
