@@ -8,6 +8,10 @@
 A file that does not record its activation (or, for unregistered shapes, its attention
 heads) needs `arch=` (or `heads=`, `quick_gelu=`): see `load_model`.
 """
+from negjax import host_memory
+
+host_memory.keep_freed_buffers()  # first: before JAX's threads allocate (see host_memory)
+
 from negjax.models.weights import load_model, save_open_clip
 from negjax.models.clip import CLIP, CLIPConfig
 from negjax.image import open_image, preprocess
