@@ -27,7 +27,7 @@ from negjax import train_log
 from negjax import train_step
 from negjax import workdir as workdir_lock
 from negjax.data import train_input
-from negjax.models import clip, siglip, weights
+from negjax.models import clip, weights
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file")
 SHAPES_CHECKPOINT = os.path.join(os.path.dirname(__file__), "assets", "shapes_clip.safetensors")
@@ -81,14 +81,6 @@ def load_initial_model(model_config):
                         "training input makes square images (fixed-resolution SigLIP / "
                         "SigLIP 2 folders train; evaluate this one with negjax.evaluate)")
   return model
-
-
-def save_model(model, path, dtype):
-  """The fine-tuned model: a Hugging Face folder for SigLIP, open_clip .safetensors else."""
-  if isinstance(model, siglip.SigLIP):
-    siglip.save_hf_folder(model, path, dtype)
-  else:
-    weights.save_open_clip(model, path, dtype)
 
 
 def build_data_once(config):
@@ -222,8 +214,7 @@ def train(config):
   labels = zero_shot_labels(config, data)
   tx, schedule = train_step.make_optimizer(config.optim, config.total_steps)
   state, state_shardings = train_step.init_state(params, tx, mesh)
-  architecture = (siglip if isinstance(model, siglip.SigLIP) else clip).architecture_name(
-      model.config) or "custom"
+  architecture = weights.architecture_name(model) or "custom"
   log.info("model %s: %.1fM parameters", architecture, clip.num_params(model) / 1e6)
   del model
 
@@ -320,9 +311,8 @@ def train(config):
           "chosen": alpha, "max_retention_loss": config.wise.max_retention_loss,
           "results": {str(a): r for a, r in mixes.items()}})
     model = nnx.merge(graphdef, final_params)
-    export = config.export or os.path.join(
-        workdir, "model" if isinstance(model, siglip.SigLIP) else "model.safetensors")
-    save_model(model, export, config.export_dtype)
+    export = config.export or os.path.join(workdir, weights.export_name(model))
+    weights.save_model(model, export, config.export_dtype)
     record.update(finished=datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), exported_model=provenance.file_record(export), export_mix=alpha)
     atomic.write_json(os.path.join(workdir, "provenance.json"), record)

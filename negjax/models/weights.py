@@ -720,6 +720,33 @@ def save_open_clip(model: clip.CLIP, path: str, dtype="float32") -> None:
   os.replace(tmp, path)
 
 
+def _family(model):
+  """The module of `model`'s family (negjax.models.clip or .siglip)."""
+  from negjax.models import siglip
+  return siglip if isinstance(model, siglip.SigLIP) else clip
+
+
+def architecture_name(model) -> str | None:
+  """The registered architecture name of any negjax model, if its config is one."""
+  return _family(model).architecture_name(model.config)
+
+
+def export_name(model) -> str:
+  """What `save_model` writes for `model`: a Hugging Face folder for SigLIP ("model"), an
+  open_clip file otherwise ("model.safetensors")."""
+  return "model" if _family(model) is not clip else "model.safetensors"
+
+
+def save_model(model, path: str, dtype="float32") -> None:
+  """`model` in the form its family is read back from, atomically: SigLIP as a Hugging Face
+  folder (`siglip.save_hf_folder`), CLIP as open_clip `.safetensors` (`save_open_clip`)."""
+  family = _family(model)
+  if family is clip:
+    save_open_clip(model, path, dtype)
+  else:
+    family.save_hf_folder(model, path, dtype)
+
+
 def save_orbax(model: clip.CLIP, directory: str) -> None:
   """Writes parameters as an Orbax checkpoint plus the architecture beside it.
 
