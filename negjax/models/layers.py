@@ -162,6 +162,10 @@ def _tpu_flash_attention(q, k, v, causal, lengths=None, block=128):
 # but 0.6x at N 50 forward on two threads, where the batched matmuls use both cores.
 CPU_LOOP_TOKENS = 128
 
+# The logit a masked key gets where negjax masks by hand: jax.nn.dot_product_attention's
+# own fill value, so the hand-written paths give its numbers.
+MASKED_LOGIT = -0.7 * jnp.finfo(jnp.float32).max
+
 
 def _cpu_attention(q, k, v, causal, lengths):
   """Attention on CPU one (batch row, head) at a time (`lax.map`): XLA:CPU otherwise
@@ -180,7 +184,7 @@ def _cpu_attention(q, k, v, causal, lengths):
       logits = jnp.einsum("qd,kd->qk", q, k, preferred_element_type=jnp.float32) * d ** -0.5
       keep = jnp.arange(n)[None, :] < real
       keep = keep & causal_keep if causal else keep
-      logits = jnp.where(keep, logits, -0.7 * jnp.finfo(jnp.float32).max)
+      logits = jnp.where(keep, logits, MASKED_LOGIT)
       return jax.nn.softmax(logits, axis=-1).astype(v.dtype) @ v
 
     out = jax.lax.map(one, (heads(q), heads(k), heads(v), jnp.repeat(real, h)))

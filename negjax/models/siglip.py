@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from negjax.models.layers import ACTIVATIONS, LayerNorm, Transformer
+from negjax.models.layers import ACTIVATIONS, MASKED_LOGIT, LayerNorm, Transformer
 from negjax.models.weights import CheckpointError
 
 
@@ -192,7 +192,7 @@ class MAPHead(nnx.Module):
     logits = logits * d ** -0.5
     if lengths is not None:
       real = jnp.arange(n)[None, :, None] < lengths[:, None, None]
-      logits = jnp.where(real, logits, -0.7 * jnp.finfo(jnp.float32).max)
+      logits = jnp.where(real, logits, MASKED_LOGIT)
     p = jax.nn.softmax(logits, axis=1).astype(x.dtype)  # [B, N, heads]
     pooled = jnp.einsum("bnh,bnw->bhw", p, x)  # each head's weighted mean token
     attended = jnp.einsum("bhw,whd->bhd", pooled, kernel[:, 1]) + bias[1]
