@@ -14,7 +14,6 @@ before JAX starts its threads; `NEGJAX_HOST_MALLOC=system` leaves glibc's defaul
 glibc (macOS, musl): nothing is changed.
 """
 import ctypes
-import ctypes.util
 import os
 
 # mallopt parameters (glibc's malloc.h)
@@ -33,7 +32,7 @@ def keep_freed_buffers() -> bool:
   if choice == "system":
     return False
   try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = ctypes.CDLL(None)  # the process itself: its C library is already loaded
     mallopt = libc.mallopt
     libc.gnu_get_libc_version  # glibc only: another libc's mallopt means other things
   except (OSError, AttributeError):
